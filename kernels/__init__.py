@@ -1,0 +1,1 @@
+"""lorafleet.kernels: Triton multi-LoRA kernels (shrink and expand) and their pure-torch references."""

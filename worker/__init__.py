@@ -1,0 +1,1 @@
+"""lorafleet.worker: the engine, scheduler, adapter cache, worker loop and command line."""
