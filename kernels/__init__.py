@@ -1,1 +1,29 @@
-"""lorafleet.kernels: Triton multi-LoRA kernels (shrink and expand) and their pure-torch references."""
+"""lorafleet.kernels: Triton multi-LoRA kernels (shrink and expand) and their pure-torch references.
+
+    meta = LoraBatchMeta.build(token_slots, num_slots)          # once per engine step
+    h = lora_shrink(x, lora_a, token_slots, slot_ranks, meta=meta)            # [T, R] fp32
+    lora_expand(h, lora_b, token_slots, slot_ranks, slot_scales, out, meta=meta)  # out += ...
+
+CUDA tensors run the Triton kernels, CPU tensors the torch reference (or the Triton kernels under the
+interpreter with backend="triton" or TRITON_INTERPRET=1). Importing this package does not need Triton.
+"""
+
+from lorafleet.kernels._triton import HAS_TRITON
+from lorafleet.kernels.attention import paged_attention, paged_attention_ref
+from lorafleet.kernels.expand import lora_expand
+from lorafleet.kernels.meta import LoraBatchMeta, block_m_for, make_batch_meta
+from lorafleet.kernels.reference import lora_expand_ref, lora_shrink_ref
+from lorafleet.kernels.shrink import lora_shrink
+
+__all__ = [
+    "HAS_TRITON",
+    "LoraBatchMeta",
+    "block_m_for",
+    "lora_expand",
+    "lora_expand_ref",
+    "lora_shrink",
+    "lora_shrink_ref",
+    "make_batch_meta",
+    "paged_attention",
+    "paged_attention_ref",
+]

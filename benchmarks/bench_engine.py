@@ -1,0 +1,241 @@
+"""Decode throughput of the engine at Llama-3-8B shapes (random bf16 weights), on a GPU.
+
+For batch sizes 1..256 it measures the decode step time and tokens/s with
+  (a) no adapters, (b) every sequence on one adapter, (c) N distinct rank-16 all-linear adapters,
+and, in the same run, the baselines: PEFT's mixed-adapter generate (`adapter_names=[...]`),
+transformers' continuous batching (`generate_batch`, base model), and the weight-read roofline from
+the HBM bandwidth measured by a device-to-device copy.
+
+    python benchmarks/bench_engine.py            # full run, a few minutes on an H200
+    python benchmarks/bench_engine.py --quick    # fewer points
+
+Prints a table and writes benchmarks/results/bench_engine.json and bench_engine.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS_DIR, print_table, write_results
+
+from lorafleet.worker import synthetic
+from lorafleet.worker.engine import Engine, EngineConfig
+from lorafleet.worker.model import DecoderModel
+from lorafleet.worker.sequence import GenerationRequest
+
+PROMPT_LEN = 128
+RANK = 16
+
+
+def hbm_bandwidth(nbytes: int = 4 << 30) -> float:
+    """Bytes/s of a device-to-device copy (read + write counted)."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    reps = 10
+    for _ in range(reps):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    return 2 * src.numel() * reps / (time.perf_counter() - start)
+
+
+def decode_step_time(engine: Engine, batch: int, adapters: list[str | None], steps: int) -> float:
+    """Seconds per decode step with `batch` running sequences (adapters assigned round robin)."""
+    for i in range(batch):
+        engine.add_request(
+            GenerationRequest(
+                prompt_ids=[(7 * i + j) % 1000 + 3 for j in range(PROMPT_LEN)],
+                adapter=adapters[i % len(adapters)],
+                max_new_tokens=steps + 4,
+                ignore_eos=True,
+            )
+        )
+    engine.step()  # prefill
+    engine.step()  # first decode (warm-up)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    elapsed = (time.perf_counter() - start) / steps
+    while engine.has_unfinished():
+        engine.step()
+    engine._finished.clear()
+    return elapsed
+
+
+def peft_step_time(model: Any, adapter_dirs: list[Path], batch: int, steps: int) -> float:
+    """Seconds per decode step of PEFT's mixed-adapter generate (difference of two lengths)."""
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dirs[0]), adapter_name="a0")
+    for i, path in enumerate(adapter_dirs[1:], start=1):
+        peft_model.load_adapter(str(path), adapter_name=f"a{i}")
+    names = [f"a{i % len(adapter_dirs)}" for i in range(batch)]
+    ids = torch.randint(3, 1000, (batch, PROMPT_LEN), device="cuda")
+    mask = torch.ones_like(ids)
+
+    def run(new_tokens: int) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        peft_model.generate(
+            input_ids=ids, attention_mask=mask, adapter_names=names, max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens, do_sample=False,
+        )  # fmt: skip
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    run(2)
+    short, long = run(2), run(2 + steps)
+    peft_model.unload()
+    return (long - short) / steps
+
+
+def generate_batch_step_time(model: Any, batch: int, steps: int) -> float:
+    """Seconds per decode step of transformers' continuous batching on the base model."""
+    from transformers import GenerationConfig
+
+    inputs = [[(7 * i + j) % 1000 + 3 for j in range(PROMPT_LEN)] for i in range(batch)]
+
+    def run(new_tokens: int) -> float:
+        config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate_batch(inputs=inputs, generation_config=config)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    run(2)
+    return (run(2 + steps) - run(2)) / steps
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer batch sizes and adapter counts")
+    parser.add_argument("--size", default="llama-3-8b", help="synthetic model size (default llama-3-8b)")
+    parser.add_argument("--steps", type=int, default=16, help="decode steps timed per point")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_engine needs a CUDA GPU; none found", file=sys.stderr)
+        return 2
+
+    batches = [1, 16, 64] if args.quick else [1, 4, 16, 32, 64, 128, 256]
+    adapter_counts = [8, 64] if args.quick else [8, 16, 32, 64, 128]
+    config = synthetic.model_config("llama", args.size)
+    hf_model = synthetic.build_model(config, dtype=torch.bfloat16, device="cuda")
+    weights = {k: v for k, v in hf_model.state_dict().items()}  # shared with the HF model, no copy
+    model = DecoderModel(config, weights, torch.device("cuda"), torch.bfloat16)
+    max_batch = max(batches)
+    engine = Engine(
+        model,
+        EngineConfig(max_loras=max(adapter_counts), max_rank=RANK, max_batch=max_batch,
+                     kv_cache_tokens=max_batch * (PROMPT_LEN + args.steps + 8)),
+    )  # fmt: skip
+    lora_config = synthetic.adapter_config(rank=RANK, alpha=2 * RANK, targets=synthetic.ALL_TARGETS)
+    names = [f"bench-{i}" for i in range(max(adapter_counts))]
+    for i, name in enumerate(names):
+        tensors = synthetic.adapter_tensors(
+            config, rank=RANK, targets=synthetic.ALL_TARGETS, dtype=torch.bfloat16, device="cuda", seed=i
+        )
+        engine.add_adapter(name, {k: v.cpu() for k, v in tensors.items()}, lora_config)
+    adapter_bytes = engine._adapters[names[0]].nbytes
+    bandwidth = hbm_bandwidth()
+    weight_bytes = model.memory_bytes()
+    kv_bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * 128 * 2
+
+    rows: list[dict[str, Any]] = []
+
+    def record(case: str, batch: int, n_adapters: int, seconds: float) -> None:
+        kv = batch * (PROMPT_LEN + args.steps // 2) * kv_bytes_per_token
+        roofline = (weight_bytes + n_adapters * adapter_bytes + kv) / bandwidth
+        rows.append({
+            "case": case, "batch": batch, "adapters": n_adapters, "step_ms": seconds * 1e3,
+            "tokens_per_s": batch / seconds, "roofline_ms": roofline * 1e3, "x_roofline": seconds / roofline,
+        })  # fmt: skip
+
+    for batch in batches:
+        record("a_base", batch, 0, decode_step_time(engine, batch, [None], args.steps))
+        record("b_one_adapter", batch, 1, decode_step_time(engine, batch, [names[0]], args.steps))
+        for n in adapter_counts:
+            if n <= batch:
+                record("c_distinct", batch, n, decode_step_time(engine, batch, list(names[:n]), args.steps))
+
+    baseline_batch, baseline_adapters = 64, 64 if not args.quick else 8
+    try:
+        record(
+            "transformers_generate_batch",
+            baseline_batch,
+            0,
+            generate_batch_step_time(hf_model, baseline_batch, 8),
+        )
+    except Exception as exc:  # a baseline that fails is reported, not fatal
+        rows.append(
+            {"case": "transformers_generate_batch", "batch": baseline_batch, "error": repr(exc)[:300]}
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = [
+            synthetic.write_adapter(Path(tmp) / f"a{i}", config, rank=RANK, targets=synthetic.ALL_TARGETS,
+                                    dtype=torch.bfloat16, seed=i)
+            for i in range(baseline_adapters)
+        ]  # fmt: skip
+        try:
+            record(
+                "peft_mixed",
+                baseline_batch,
+                baseline_adapters,
+                peft_step_time(hf_model, dirs, baseline_batch, 4),
+            )
+        except Exception as exc:
+            rows.append({"case": "peft_mixed", "batch": baseline_batch, "error": repr(exc)[:300]})
+
+    print(f"HBM copy bandwidth {bandwidth / 1e9:.0f} GB/s; weights {weight_bytes / 1e9:.2f} GB; "
+          f"adapter {adapter_bytes / 1e6:.1f} MB")  # fmt: skip
+    print_table(rows, ["case", "batch", "adapters", "step_ms", "tokens_per_s", "roofline_ms", "x_roofline"])
+    path = write_results(
+        "bench_engine",
+        rows,
+        {"hbm_bytes_per_s": bandwidth, "weight_bytes": weight_bytes, "adapter_bytes": adapter_bytes},
+    )
+    _plot(rows, RESULTS_DIR / "bench_engine.png")
+    print(f"wrote {path}")
+    return 0
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        if "tokens_per_s" in row and row["case"].startswith(("a_", "b_", "c_")):
+            label = row["case"] if row["case"] != "c_distinct" else f"{row['adapters']} adapters"
+            series.setdefault(label, []).append((row["batch"], row["tokens_per_s"]))
+    for label, points in series.items():
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch (running sequences)")
+    ax.set_ylabel("decode tokens/s")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

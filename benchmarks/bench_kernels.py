@@ -1,0 +1,323 @@
+"""Multi-LoRA shrink + expand on a GPU (bf16, Llama-3-8B dims): time, bytes, GB/s, speed-up over torch.
+
+Cases
+  decode:  T in {1, 16, 64, 256} tokens spread round robin over N in {1, 16, 64, 256} distinct adapters
+           (N <= T), rank 16 and 64, q/o projection 4096 -> 4096; plus the other 8B projections
+           (k/v 4096 -> 1024, gate/up 4096 -> 14336, down 14336 -> 4096) at the headline point.
+  prefill: T in {2048, 16384} tokens over N in {1, 4} adapters, rank 16 and 64, 4096 -> 4096.
+
+Columns (per call)
+  ms, shrink_ms, expand_ms  shrink + expand (and each apart) with a prebuilt LoraBatchMeta, timed by
+                            CUDA-graph replay as the engine's decode step runs them; meta_ms is the
+                            per-step LoraBatchMeta.build shared by every layer
+  MB                        bytes the ops must move: x, the A and B rows of the active adapters up to
+                            their rank, out read + written (h, the fp32 [T, R] intermediate, is extra)
+  GB/s, %hbm                MB / ms, against a device-to-device copy measured in the same run
+  base_ms, speedup          torch baseline: gather each token's A and B (lora_a[slots], lora_b[slots]),
+                            two bmm, scale and add (padded to R, as peers do); speedup = base_ms / ms
+  x_read_once               decode, N = 1 batches only: ms / ms of one token on one adapter (the same kernels
+                            reading that adapter once): what the extra tokens on that adapter cost
+Each measurement rotates over enough copies of the batch (distinct adapters, x and out per copy) that the
+bytes of one replay exceed 3x the L2 cache: every call reads from HBM.
+
+Targets (H200, headline: 64 tokens over 64 adapters, rank 16, 4096 -> 4096): %hbm >= 70, speedup >= 3,
+and 64 tokens on one adapter x_read_once <= 1.2.
+
+    python benchmarks/bench_kernels.py            # full grid, a few minutes on an H200
+    python benchmarks/bench_kernels.py --quick    # 6 points
+
+Prints a table and writes benchmarks/results/bench_kernels.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import print_table, write_results
+
+from lorafleet.kernels import LoraBatchMeta, lora_expand, lora_shrink
+from lorafleet.kernels.testing import assign_slots, make_problem
+
+DEVICE = "cuda"
+DTYPE = torch.bfloat16
+POOL_SLOTS = 1024  # adapters resident in the pool; each copy of a batch uses its own
+MAX_COPIES = 1024
+TARGET_SECONDS = 0.1  # of graph replays per measurement
+PROJECTIONS = {"q_o": (4096, 4096), "k_v": (4096, 1024), "gate_up": (4096, 14336), "down": (14336, 4096)}
+HEADLINE = ("decode", "q_o", 64, 64, 16)  # kind, projection, tokens, adapters, rank
+COLUMNS = [
+    "kind", "proj", "tokens", "adapters", "rank", "ms", "shrink_ms", "expand_ms", "meta_ms", "MB",
+    "GB/s", "%hbm", "base_ms", "speedup", "x_read_once",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Case:
+    kind: str  # decode | prefill
+    proj: str  # key of PROJECTIONS
+    tokens: int
+    adapters: int
+    rank: int
+
+    @property
+    def key(self) -> tuple[str, str, int, int, int]:
+        return (self.kind, self.proj, self.tokens, self.adapters, self.rank)
+
+
+def cases(quick: bool) -> list[Case]:
+    if quick:
+        return [
+            Case(*HEADLINE),
+            Case("decode", "q_o", 64, 1, 16),
+            Case("decode", "q_o", 1, 1, 16),
+            Case("decode", "gate_up", 64, 64, 16),
+            Case("decode", "q_o", 256, 256, 64),
+            Case("prefill", "q_o", 2048, 4, 16),
+        ]
+    grid = [
+        Case("decode", "q_o", t, n, r)
+        for r in (16, 64)
+        for t in (1, 16, 64, 256)
+        for n in (1, 16, 64, 256)
+        if n <= t
+    ]
+    grid += [Case("decode", proj, 64, 64, 16) for proj in ("k_v", "gate_up", "down")]
+    grid += [Case("prefill", "q_o", t, n, r) for r in (16, 64) for t in (2048, 16384) for n in (1, 4)]
+    return grid
+
+
+# ------------------------------------------------------------------------------------------------
+# timing
+
+
+def hbm_bandwidth(nbytes: int = 4 << 30) -> float:
+    """Bytes/s of a device-to-device copy of nbytes / 2 (read + write counted)."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    reps = 10
+    start.record()
+    for _ in range(reps):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    return nbytes * reps / (start.elapsed_time(end) / 1e3)
+
+
+def graph_ms(calls: list[Callable[[], object]]) -> float:
+    """Milliseconds per call: all `calls` captured in one CUDA graph, replayed; total / len(calls)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up: compiles and allocates outside the capture
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    once = start.elapsed_time(end) / 1e3
+    reps = max(3, min(500, int(TARGET_SECONDS / max(once, 1e-6))))
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps / len(calls)
+
+
+# ------------------------------------------------------------------------------------------------
+# one case
+
+
+@dataclass
+class Batch:
+    """One copy of a case's batch: its own adapters (slots), x and out; the pool is shared."""
+
+    x: torch.Tensor  # [T, d_in]
+    slots: torch.Tensor  # [T] int32
+    out: torch.Tensor  # [T, d_out]
+    meta: LoraBatchMeta
+
+
+def bytes_moved(case: Case) -> int:
+    d_in, d_out = PROJECTIONS[case.proj]
+    elem = torch.finfo(DTYPE).bits // 8
+    active = min(case.adapters, case.tokens)
+    weights = active * case.rank * (d_in + d_out)
+    return elem * (case.tokens * d_in + weights + 2 * case.tokens * d_out)
+
+
+def torch_baseline(
+    x: torch.Tensor,  # [T, d_in]
+    lora_a: torch.Tensor,  # [S, R, d_in]
+    lora_b: torch.Tensor,  # [S, d_out, R]
+    slots: torch.Tensor,  # [T] int32
+    scales: torch.Tensor,  # [S] fp32
+    out: torch.Tensor,  # [T, d_out], updated in place
+) -> None:
+    """Per-token gather of A and B, then bmm: what a multi-LoRA layer costs without grouping."""
+    s = slots.long()
+    h = torch.bmm(lora_a[s], x.unsqueeze(2))  # [T, R, d_in] @ [T, d_in, 1] -> [T, R, 1]
+    delta = torch.bmm(lora_b[s], h).squeeze(2)  # [T, d_out, R] @ [T, R, 1] -> [T, d_out]
+    out += delta * scales[s][:, None].to(out.dtype)
+
+
+def run_case(case: Case, seed: int, l2_bytes: int) -> dict[str, Any]:
+    d_in, d_out = PROJECTIONS[case.proj]
+    pool = make_problem(1, POOL_SLOTS, d_in, d_out, ranks=case.rank, dtype=DTYPE, device=DEVICE, seed=seed)
+    per_call = bytes_moved(case)
+    copies = max(1, min(MAX_COPIES, POOL_SLOTS // case.adapters, math.ceil(3 * l2_bytes / per_call)))
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(POOL_SLOTS, generator=gen)
+    batches = []
+    for c in range(copies):
+        adapters = order[c * case.adapters : (c + 1) * case.adapters]
+        # tokens spread over this copy's own adapters, one each while they last (round robin)
+        local = assign_slots(case.tokens, case.adapters, "distinct", seed=seed + c).long()
+        slots = adapters[local].to(torch.int32).to(DEVICE)
+        x = torch.randn(case.tokens, d_in, device=DEVICE, dtype=DTYPE)
+        out = torch.randn(case.tokens, d_out, device=DEVICE, dtype=DTYPE)
+        batches.append(Batch(x, slots, out, LoraBatchMeta.build(slots, POOL_SLOTS)))
+    a, b, ranks, scales = pool.lora_a, pool.lora_b, pool.slot_ranks, pool.slot_scales
+    hs = [lora_shrink(t.x, a, t.slots, ranks, meta=t.meta) for t in batches]  # h buffers for expand alone
+
+    def shrink(t: Batch) -> Callable[[], object]:
+        return lambda: lora_shrink(t.x, a, t.slots, ranks, meta=t.meta)
+
+    def expand(t: Batch, h: torch.Tensor) -> Callable[[], object]:
+        return lambda: lora_expand(h, b, t.slots, ranks, scales, t.out, meta=t.meta)
+
+    def both(t: Batch) -> Callable[[], object]:
+        def call() -> None:
+            h = lora_shrink(t.x, a, t.slots, ranks, meta=t.meta)
+            lora_expand(h, b, t.slots, ranks, scales, t.out, meta=t.meta)
+
+        return call
+
+    def baseline(t: Batch) -> Callable[[], object]:
+        return lambda: torch_baseline(t.x, a, b, t.slots, scales, t.out)
+
+    def build_meta(t: Batch) -> Callable[[], object]:
+        return lambda: LoraBatchMeta.build(t.slots, POOL_SLOTS)
+
+    err = check_against_baseline(batches[0], a, b, ranks, scales)
+    ms = graph_ms([both(t) for t in batches])
+    row: dict[str, Any] = asdict(case)
+    row.update(
+        copies=copies,
+        ms=ms,
+        shrink_ms=graph_ms([shrink(t) for t in batches]),
+        expand_ms=graph_ms([expand(t, h) for t, h in zip(batches, hs, strict=True)]),
+        meta_ms=graph_ms([build_meta(t) for t in batches]),
+        base_ms=graph_ms([baseline(t) for t in batches]),
+        bytes=per_call,
+        MB=per_call / 1e6,
+        max_abs_err_vs_baseline=err,
+    )
+    row["GB/s"] = per_call / (ms / 1e3) / 1e9
+    row["speedup"] = row["base_ms"] / ms
+    return row
+
+
+def check_against_baseline(
+    t: Batch, a: torch.Tensor, b: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor
+) -> float:
+    """Max |ours - baseline| of one expand update (sanity check; both in bf16)."""
+    ours, theirs = t.out.clone(), t.out.clone()
+    h = lora_shrink(t.x, a, t.slots, ranks, meta=t.meta)
+    lora_expand(h, b, t.slots, ranks, scales, ours, meta=t.meta)
+    torch_baseline(t.x, a, b, t.slots, scales, theirs)
+    return float((ours.float() - theirs.float()).abs().max())
+
+
+# ------------------------------------------------------------------------------------------------
+# report
+
+
+def add_derived(rows: list[dict[str, Any]], hbm: float) -> None:
+    """%hbm for every row; x_read_once for one-adapter rows that have a one-token row to compare."""
+    one_token = {(r["proj"], r["rank"]): r["ms"] for r in rows if r["tokens"] == 1 and r["adapters"] == 1}
+    for row in rows:
+        row["%hbm"] = 100 * row["GB/s"] * 1e9 / hbm
+        ref = one_token.get((row["proj"], row["rank"]))
+        if row["kind"] == "decode" and row["adapters"] == 1 and ref:
+            row["x_read_once"] = row["ms"] / ref
+
+
+def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets at the headline point, with the measured values."""
+    by_key = {(r["kind"], r["proj"], r["tokens"], r["adapters"], r["rank"]): r for r in rows}
+    head = by_key.get(HEADLINE)
+    same = by_key.get(("decode", "q_o", 64, 1, 16))
+    checks = []
+    if head is not None:
+        checks.append(
+            _target("%hbm >= 70 (64 tokens over 64 adapters, rank 16)", head["%hbm"], head["%hbm"] >= 70)
+        )
+        checks.append(
+            _target(
+                "speedup >= 3 over the torch baseline (same point)", head["speedup"], head["speedup"] >= 3
+            )
+        )
+    if same is not None and same.get("x_read_once") is not None:
+        value = same["x_read_once"]
+        checks.append(_target("64 tokens on one adapter <= 1.2x one token on it", value, value <= 1.2))
+    return checks
+
+
+def _target(name: str, value: float, ok: bool) -> dict[str, Any]:
+    return {"target": name, "value": value, "ok": ok}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="6 points instead of the full grid")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_kernels.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured.",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    started = time.perf_counter()
+    hbm = hbm_bandwidth()
+    l2_bytes = int(getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20))
+    print(
+        f"{torch.cuda.get_device_name()}: device-to-device copy {hbm / 1e9:.0f} GB/s, L2 {l2_bytes >> 20} MiB"
+    )
+    rows = []
+    for i, case in enumerate(cases(args.quick)):
+        rows.append(run_case(case, seed=i, l2_bytes=l2_bytes))
+        torch.cuda.empty_cache()
+    add_derived(rows, hbm)
+    print_table(rows, COLUMNS)
+    targets = check_targets(rows)
+    for check in targets:
+        print(f"{'PASS' if check['ok'] else 'MISS'}  {check['target']}: {check['value']:.3g}")
+    path = write_results(
+        "bench_kernels",
+        rows,
+        extra={"hbm_bytes_per_s": hbm, "l2_bytes": l2_bytes, "quick": args.quick, "targets": targets},
+    )
+    print(f"wrote {path} in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Multi-LoRA expand: out[t] += scale[s] * h[t, :r] @ lora_b[s, :, :r].T for a batch on many adapters.
+
+Kernel layout. The grid is (tiles of the batch metadata's tile map, d_out tiles). A program takes one
+tile (up to BLOCK_M tokens of one slot) and BLOCK_N output columns; its loop over the rank stops at the
+slot's true rank, so B's padding columns are never read. Tiles of tokens without an adapter store
+nothing, so those rows of `out` are untouched. Each output element has one writer (a load-add-store in
+fp32, rounded once): deterministic, no atomics.
+
+The product is a tl.dot of [DOT_M, 16] h blocks (rounded to the weights' dtype for the tensor cores,
+as the base model's own matmuls do) and [16, BLOCK_N] B blocks. Decode tiles have 4 rows (often one
+token): they still go through a 16-row dot with the extra rows masked, which wastes tensor-core cycles
+that are free here but, unlike a multiply-reduce on CUDA cores, does not replicate the B tile per token
+in registers, so each program can keep a wide B tile in flight.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from lorafleet.kernels._checks import (
+    FLOAT_DTYPES,
+    check_flag,
+    check_meta,
+    check_slot_values,
+    check_tensor,
+)
+from lorafleet.kernels._triton import runnable_kernel, tl, triton, use_triton
+from lorafleet.kernels.meta import LoraBatchMeta
+from lorafleet.kernels.reference import lora_expand_ref
+
+__all__ = ["lora_expand"]
+
+
+# Triton types the arguments at launch (pointers, ints, constexprs); they carry no Python annotations.
+@triton.jit
+def _lora_expand_kernel(  # type: ignore[no-untyped-def]
+    h_ptr,  # [T, R] fp32
+    b_ptr,  # [S, d_out, R] fp16/bf16/fp32
+    out_ptr,  # [T, d_out] same dtype as lora_b, updated in place
+    sorted_tokens_ptr,  # [T] int32: token ids grouped by slot
+    tiles_ptr,  # [NT, 4] int32: slot (-1 = none), row_start, row_end, unused
+    slot_ranks_ptr,  # [S] int32
+    slot_scales_ptr,  # [S] fp32
+    d_out,  # int
+    max_rank,  # int: R
+    stride_out_token,  # int: out.stride(0)
+    stride_b_slot,  # int: lora_b.stride(0)
+    stride_b_row,  # int: lora_b.stride(1)
+    BLOCK_M: tl.constexpr,  # tokens per tile of the tile map
+    DOT_M: tl.constexpr,  # rows per tl.dot: max(16, BLOCK_M); rows past the tile are masked
+    BLOCK_N: tl.constexpr,  # output columns per program
+    BLOCK_R: tl.constexpr,  # rank columns per step
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs
+):
+    tile = tl.program_id(0)
+    n_tile = tl.program_id(1)
+    slot = tl.load(tiles_ptr + tile * 4)
+    row_start = tl.load(tiles_ptr + tile * 4 + 1)
+    row_end = tl.load(tiles_ptr + tile * 4 + 2)
+    m_offs = tl.arange(0, DOT_M)
+    rows = row_start + m_offs  # [DOT_M] positions in the sorted token list
+    row_mask = (m_offs < BLOCK_M) & (rows < row_end)
+    tokens = tl.load(sorted_tokens_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    rank = tl.minimum(tl.load(slot_ranks_ptr + slot, mask=slot >= 0, other=0), max_rank)
+    scale = tl.load(slot_scales_ptr + slot, mask=slot >= 0, other=0.0)
+    n_offs = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    # no columns at all for tokens without an adapter: their rows of out are neither read nor written
+    n_mask = n_offs < tl.where(rank > 0, d_out, 0)
+    h_rows = h_ptr + tokens * max_rank  # [DOT_M] row pointers
+    b_rows = b_ptr + slot.to(tl.int64) * stride_b_slot + n_offs.to(tl.int64) * stride_b_row  # [BLOCK_N]
+    r_base = tl.arange(0, BLOCK_R)
+    acc = tl.full((DOT_M, BLOCK_N), 0.0, tl.float32)
+    for r0 in range(0, rank, BLOCK_R):
+        r = r0 + r_base
+        r_mask = r < rank
+        h_blk = tl.load(h_rows[:, None] + r[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+        # [BLOCK_R, BLOCK_N]: B rows read transposed
+        b_blk = tl.load(b_rows[None, :] + r[:, None], mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(h_blk.to(b_blk.dtype), b_blk, acc, input_precision=DOT_PRECISION)
+    out_ptrs = out_ptr + tokens[:, None] * stride_out_token + n_offs[None, :]
+    out_mask = row_mask[:, None] & n_mask[None, :]
+    old = tl.load(out_ptrs, mask=out_mask, other=0.0)
+    tl.store(out_ptrs, (old.to(tl.float32) + scale * acc).to(old.dtype), mask=out_mask)
+
+
+@dataclass(frozen=True)
+class _ExpandConfig:
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _expand_config(block_m: int, dtype: torch.dtype) -> _ExpandConfig:
+    """Block sizes by tile height and dtype.
+
+    Sizes were picked from ptxas resource usage for sm_90 (no register spills); the benchmark measures
+    them. The rank is stepped 16 columns at a time (tl.dot's minimum): wider steps cost registers for
+    the transposed B tile's pointers and spill.
+    """
+    if dtype == torch.float32:
+        return _ExpandConfig(64, 8 if block_m >= 64 else 4, 3)
+    return _ExpandConfig(128, 8 if block_m >= 64 else 4, 3)
+
+
+def lora_expand(
+    h: torch.Tensor,  # [T, R] fp32
+    lora_b: torch.Tensor,  # [S, d_out, R] fp16/bf16/fp32
+    token_slots: torch.Tensor,  # [T] int32, -1 = no adapter
+    slot_ranks: torch.Tensor,  # [S] int32, 1..R
+    slot_scales: torch.Tensor,  # [S] fp32
+    out: torch.Tensor,  # [T, d_out] same dtype as lora_b, updated in place
+    *,
+    meta: LoraBatchMeta | None = None,
+    backend: str = "auto",
+    debug: bool = False,
+) -> None:
+    """Multi-LoRA expand, in place: out[t] += scale[s] * h[t, :r] @ lora_b[s, :, :r].T.
+
+    s = token_slots[t], r = slot_ranks[s], scale = slot_scales[s]; accumulated in fp32 and rounded once
+    to out's dtype. Rows whose slot is -1 are untouched. `meta`, `backend` and `debug` work as in
+    `lora_shrink`: shapes, dtypes, devices and contiguity are always checked; value ranges on CPU, and
+    on CUDA only with debug=True (a host sync). Unchecked on CUDA, an out-of-range slot is treated as -1
+    and a rank is clamped to [0, R].
+    """
+    device = _check_expand_args(h, lora_b, token_slots, slot_ranks, slot_scales, out)
+    check_flag("debug", debug)
+    if meta is not None:
+        check_meta(meta, h.shape[0], lora_b.shape[0], device)
+    if device.type == "cpu" or debug:
+        check_slot_values(token_slots, slot_ranks, lora_b.shape[2])
+    if not use_triton(device, backend, lora_b.dtype):
+        lora_expand_ref(h, lora_b, token_slots, slot_ranks, slot_scales, out, meta=meta)
+        return
+    num_tokens, d_out, max_rank = h.shape[0], lora_b.shape[1], lora_b.shape[2]
+    if num_tokens == 0:
+        return
+    if meta is None:
+        meta = LoraBatchMeta.build(token_slots, lora_b.shape[0])
+    cfg = _expand_config(meta.block_m, out.dtype)
+    grid = (meta.num_tiles, triton.cdiv(d_out, cfg.block_n))
+    runnable_kernel(_lora_expand_kernel, device)[grid](
+        h,
+        lora_b,
+        out,
+        meta.token_indices_sorted_by_slot,
+        meta.tiles,
+        slot_ranks,
+        slot_scales,
+        d_out,
+        max_rank,
+        out.stride(0),
+        lora_b.stride(0),
+        lora_b.stride(1),
+        BLOCK_M=meta.block_m,
+        DOT_M=max(16, meta.block_m),
+        BLOCK_N=cfg.block_n,
+        BLOCK_R=16,
+        DOT_PRECISION="ieee" if out.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+
+
+def _check_expand_args(
+    h: torch.Tensor,
+    lora_b: torch.Tensor,
+    token_slots: torch.Tensor,
+    slot_ranks: torch.Tensor,
+    slot_scales: torch.Tensor,
+    out: torch.Tensor,
+) -> torch.device:
+    check_tensor("h", h, dtypes=(torch.float32,), shape=(None, None))
+    device = h.device
+    num_tokens, max_rank = h.shape
+    check_tensor("lora_b", lora_b, dtypes=FLOAT_DTYPES, shape=(None, None, max_rank), device=device)
+    num_slots, d_out = lora_b.shape[0], lora_b.shape[1]
+    if num_slots < 1 or max_rank < 1:
+        raise ValueError(f"lora_b must have at least one slot and rank >= 1, got shape {list(lora_b.shape)}")
+    check_tensor("token_slots", token_slots, dtypes=(torch.int32,), shape=(num_tokens,), device=device)
+    check_tensor("slot_ranks", slot_ranks, dtypes=(torch.int32,), shape=(num_slots,), device=device)
+    check_tensor("slot_scales", slot_scales, dtypes=(torch.float32,), shape=(num_slots,), device=device)
+    check_tensor("out", out, dtypes=(lora_b.dtype,), shape=(num_tokens, d_out), device=device)
+    return device

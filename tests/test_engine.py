@@ -1,0 +1,292 @@
+"""The engine against its oracle: transformers + PEFT, one request at a time, fp32 on CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from lorafleet.worker import synthetic
+from lorafleet.worker.adapters import AdapterError
+from lorafleet.worker.engine import Engine, PromptTooLong, UnknownAdapter
+from lorafleet.worker.sequence import FinishReason, GenerationRequest
+
+ARCHS = sorted(synthetic.ARCHITECTURES)
+# (name, rank, alpha, rslora, targets): different ranks, scalings and target subsets.
+ADAPTERS = [
+    ("all-r4", 4, 8, False, synthetic.ALL_TARGETS),
+    ("qv-r8", 8, 8, True, ("q", "v")),
+    ("mlp-r16", 16, 16, False, ("gate", "up", "down")),
+    ("ko-r2", 2, 6, False, ("k", "o")),
+]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Per architecture: a model directory and its adapters. Mistral gets a short sliding window."""
+    root = tmp_path_factory.mktemp("engine")
+    out = {}
+    for arch in ARCHS:
+        extra = {"sliding_window": 6} if arch == "mistral" else {}
+        model_dir = synthetic.write_model(root / arch, arch, "tiny", seed=5, **extra)
+        adapters = {
+            name: synthetic.write_adapter(
+                root / f"{arch}-{name}", model_dir, rank=r, alpha=alpha, use_rslora=rs, targets=t, seed=i
+            )
+            for i, (name, r, alpha, rs, t) in enumerate(ADAPTERS)
+        }
+        out[arch] = (model_dir, adapters)
+    return out
+
+
+def _engine(model_dir, adapters, **kwargs):
+    kwargs = {"max_loras": 4, "max_rank": 16, "device": "cpu", "dtype": torch.float32, **kwargs}
+    engine = Engine.from_pretrained(model_dir, **kwargs)
+    for name, path in adapters.items():
+        engine.add_adapter(name, path)
+    return engine
+
+
+def _oracle(model_dir, adapter_dir, prompt, new_tokens):
+    """Greedy tokens and per-step logits from transformers (+ PEFT), one request alone."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    out = model.generate(
+        input_ids=torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),  # the pad id may appear in prompts
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    return out.sequences[0, len(prompt) :].tolist(), torch.stack([x[0] for x in out.logits])
+
+
+def _record_logits(engine):
+    """Wrap the model's forward to keep each step's logits by request id (test instrumentation)."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    forward = engine.model.forward
+
+    def recording(batch, cache, slots):
+        logits = forward(batch, cache, slots)
+        for seq, row in zip(engine._running, logits, strict=True):
+            seen.setdefault(seq.request_id, []).append(row.clone())
+        return logits
+
+    engine.model.forward = recording
+    return seen
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mixed_batch_matches_peft_one_request_at_a_time(models, arch):
+    model_dir, adapters = models[arch]
+    engine = _engine(model_dir, adapters)
+    logits = _record_logits(engine)
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [40, 41, 42], [300, 7, 99, 12, 5, 6, 81], [17]]
+    names = [None, "all-r4", "qv-r8", "mlp-r16", "ko-r2"]
+    requests = [
+        GenerationRequest(prompt_ids=prompts[i % len(prompts)], adapter=names[i % len(names)],
+                          max_new_tokens=6 + i % 3, ignore_eos=True, request_id=f"r{i}")
+        for i in range(10)
+    ]  # fmt: skip
+    # Half join at once; the rest join while the first ones are mid-generation.
+    for request in requests[:5]:
+        engine.add_request(request)
+    for _ in range(3):
+        engine.step()
+    for request in requests[5:]:
+        engine.add_request(request)
+    while engine.has_unfinished():
+        engine.step()
+
+    for request in requests:
+        output = engine.pop_output(request.request_id)
+        adapter_dir = adapters[request.adapter] if request.adapter else None
+        tokens, ref_logits = _oracle(model_dir, adapter_dir, request.prompt_ids, request.max_new_tokens)
+        assert output.token_ids == tokens, f"{arch} {request.adapter}"
+        assert output.finish_reason == FinishReason.LENGTH
+        ours = torch.stack(logits[request.request_id])
+        torch.testing.assert_close(ours, ref_logits, atol=2e-4, rtol=1e-4)
+
+
+def test_adapters_change_the_tokens(models):
+    model_dir, adapters = models["llama"]
+    engine = _engine(model_dir, adapters)
+    prompt = [5, 6, 7, 8, 9, 10, 11, 12, 13]
+    outs = engine.generate(
+        [
+            GenerationRequest(prompt_ids=prompt, adapter=a, max_new_tokens=8, ignore_eos=True)
+            for a in [None, *adapters]
+        ]
+    )
+    assert len({tuple(o.token_ids) for o in outs}) == len(outs)
+
+
+def test_more_adapters_than_slots_evicts_only_idle_ones(models):
+    model_dir, adapters = models["qwen3"]
+    engine = _engine(model_dir, adapters, max_loras=2)
+    requests = [
+        GenerationRequest(prompt_ids=[9, 8, 7, i + 1], adapter=name, max_new_tokens=5, ignore_eos=True)
+        for i, name in enumerate(adapters)
+    ]
+    outputs = engine.generate(requests)
+    for request, output in zip(requests, outputs, strict=True):
+        tokens, _ = _oracle(model_dir, adapters[request.adapter], request.prompt_ids, 5)
+        assert output.token_ids == tokens
+    assert engine.stats["adapter_loads"] == 4
+    assert engine.stats["adapter_evictions"] == 2
+    assert len(engine.resident_adapters) == 2
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_batch(models):
+    model_dir, adapters = models["llama"]
+    sampled = GenerationRequest(
+        prompt_ids=[5, 6, 7], adapter="qv-r8", max_new_tokens=12, temperature=0.9, top_k=50, top_p=0.95,
+        seed=1234, ignore_eos=True,
+    )  # fmt: skip
+    alone = _engine(model_dir, adapters).generate([sampled])[0].token_ids
+    others = [
+        GenerationRequest(prompt_ids=[i + 3, 4, 5, 6], adapter=a, max_new_tokens=9, temperature=1.0, seed=i)
+        for i, a in enumerate([None, "all-r4", "mlp-r16"])
+    ]
+    batched = _engine(model_dir, adapters).generate([*others, sampled])[-1].token_ids
+    assert alone == batched
+    other_seed = GenerationRequest(**{**sampled.__dict__, "seed": 99})
+    assert _engine(model_dir, adapters).generate([other_seed])[0].token_ids != alone
+    greedy = GenerationRequest(**{**sampled.__dict__, "temperature": 0.0})
+    assert _engine(model_dir, adapters).generate([greedy])[0].token_ids != alone
+
+
+def test_sampling_follows_the_distribution():
+    from lorafleet.worker.sampling import SamplingBatch, sample
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2, 1e-9]]))
+    rows = 4000
+    params = SamplingBatch(
+        temperature=torch.ones(rows), top_p=torch.ones(rows), top_k=torch.zeros(rows, dtype=torch.int64),
+        seeds=torch.arange(rows), steps=torch.zeros(rows, dtype=torch.int64),
+        all_greedy=False, any_top_p=False, any_top_k=False,
+    )  # fmt: skip
+    counts = torch.bincount(sample(logits.expand(rows, -1), params), minlength=4).float() / rows
+    torch.testing.assert_close(counts, torch.tensor([0.5, 0.3, 0.2, 0.0]), atol=0.03, rtol=0)
+    top2 = SamplingBatch(**{**params.__dict__, "top_k": torch.full((rows,), 2), "any_top_k": True})
+    assert sample(logits.expand(rows, -1), top2).max() <= 1
+    nucleus = SamplingBatch(**{**params.__dict__, "top_p": torch.full((rows,), 0.6), "any_top_p": True})
+    assert set(sample(logits.expand(rows, -1), nucleus).tolist()) == {0, 1}
+
+
+def test_stop_token_stop_string_and_max_tokens(models):
+    model_dir, adapters = models["llama"]
+    engine = _engine(model_dir, adapters)
+    free = engine.generate([GenerationRequest(prompt_ids=[5, 6, 7], max_new_tokens=10, ignore_eos=True)])[0]
+    assert free.finish_reason == FinishReason.LENGTH
+    assert len(free.token_ids) == 10
+    stop_id = free.token_ids[3]
+    by_id = engine.generate(
+        [
+            GenerationRequest(
+                prompt_ids=[5, 6, 7], max_new_tokens=10, stop_token_ids=[stop_id], ignore_eos=True
+            )
+        ]
+    )[0]
+    assert by_id.finish_reason == FinishReason.STOP
+    assert by_id.token_ids == free.token_ids[: free.token_ids.index(stop_id) + 1]
+    stop_text = free.text[len(free.text) // 2 :][:3]
+    by_text = engine.generate(
+        [GenerationRequest(prompt_ids=[5, 6, 7], max_new_tokens=10, stop=[stop_text], ignore_eos=True)]
+    )[0]
+    assert by_text.finish_reason == FinishReason.STOP
+    assert stop_text not in by_text.text
+    assert free.text.startswith(by_text.text)
+
+
+def test_abort_frees_the_sequence_and_its_cache(models):
+    model_dir, adapters = models["llama"]
+    engine = _engine(model_dir, adapters, kv_cache_tokens=256)
+    total = engine.kv.unreserved_blocks
+    rid = engine.add_request(GenerationRequest(prompt_ids=[5, 6], adapter="all-r4", max_new_tokens=50))
+    engine.step()
+    assert engine.kv.unreserved_blocks < total
+    assert engine.abort(rid)
+    outputs = engine.step()
+    assert [(o.request_id, o.finished, o.finish_reason) for o in outputs] == [
+        (rid, True, FinishReason.ABORTED)
+    ]
+    assert engine.kv.unreserved_blocks == total
+    assert not engine.has_unfinished()
+
+
+def test_requests_wait_for_kv_blocks_instead_of_failing(models):
+    model_dir, adapters = models["llama"]
+    engine = _engine(model_dir, adapters, kv_cache_tokens=48, block_size=8)
+    requests = [
+        GenerationRequest(prompt_ids=[5, 6, 7, i], max_new_tokens=20, ignore_eos=True) for i in range(4)
+    ]
+    for request in requests:
+        engine.add_request(request)
+    engine.step()
+    assert engine.num_running == 2  # 3 blocks each of 6
+    assert engine.num_waiting == 2
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.kv.unreserved_blocks == 6
+
+
+def test_prompt_too_long_and_unknown_adapter_are_clear_errors(models):
+    model_dir, adapters = models["llama"]
+    engine = _engine(model_dir, adapters, max_model_len=32)
+    with pytest.raises(PromptTooLong, match="context of 32"):
+        engine.add_request(GenerationRequest(prompt_ids=list(range(3, 35))))
+    with pytest.raises(UnknownAdapter):
+        engine.add_request(GenerationRequest(prompt_ids=[5], adapter="nope"))
+    with pytest.raises(ValueError, match="vocabulary size"):
+        engine.add_request(GenerationRequest(prompt_ids=[100_000]))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        GenerationRequest(prompt_ids=[5], max_new_tokens=0)
+
+
+def test_bad_adapters_are_refused_and_leave_no_slot(models, tmp_path):
+    model_dir, adapters = models["llama"]
+    engine = Engine.from_pretrained(model_dir, max_loras=2, max_rank=8, device="cpu", dtype=torch.float32)
+    with pytest.raises(AdapterError, match=r"rank 16 is outside 1\.\.8"):
+        engine.add_adapter("big", adapters["mlp-r16"])
+    other = synthetic.write_model(tmp_path / "other", "llama", "tiny", hidden_size=32, intermediate_size=64)
+    with pytest.raises(AdapterError, match="shape"):
+        engine.add_adapter("wrong", synthetic.write_adapter(tmp_path / "wrong", other, rank=4))
+    config = synthetic.adapter_config(rank=4, alpha=8, targets=("q",))
+    tensors = synthetic.adapter_tensors(model_dir, rank=4, targets=("q",))
+    tensors[next(iter(tensors))][0, 0] = math.nan
+    with pytest.raises(AdapterError, match="NaN"):
+        engine.add_adapter("nan", tensors, config)
+    (tmp_path / "no-weights").mkdir()
+    (tmp_path / "no-weights" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterError, match=r"adapter_model\.safetensors is missing"):
+        engine.add_adapter("no-weights", tmp_path / "no-weights")
+    assert engine.adapters == []
+    assert engine.resident_adapters == []
+    good = synthetic.adapter_tensors(model_dir, rank=4, targets=("q",), seed=3)
+    engine.add_adapter("from-memory", good, config)
+    out = engine.generate([GenerationRequest(prompt_ids=[5, 6], adapter="from-memory", max_new_tokens=3)])
+    assert len(out[0].token_ids) >= 1
+    assert engine.resident_adapters == ["from-memory"]
+
+
+def test_replaced_adapter_serves_new_requests_with_new_weights(models):
+    model_dir, adapters = models["llama"]
+    engine = _engine(model_dir, {"x": adapters["all-r4"]})
+    request = GenerationRequest(prompt_ids=[5, 6, 7], adapter="x", max_new_tokens=6, ignore_eos=True)
+    first = engine.generate([request])[0].token_ids
+    engine.add_adapter("x", adapters["qv-r8"])
+    second = engine.generate([request])[0].token_ids
+    tokens, _ = _oracle(model_dir, adapters["qv-r8"], request.prompt_ids, 6)
+    assert second == tokens
+    assert first != second
+    engine.remove_adapter("x")
+    with pytest.raises(UnknownAdapter):
+        engine.add_request(request)

@@ -1,0 +1,233 @@
+"""LoRA adapters: read and checked in host memory, then copied into a fixed pool of device slots.
+
+An adapter is PEFT's format: adapter_config.json + adapter_model.safetensors with tensors named
+`base_model.model.model.layers.{i}.{self_attn|mlp}.{target}.lora_{A|B}.weight`, lora_A [r, d_in],
+lora_B [d_out, r]. The pool holds, per layer and target module, A [S, R, d_in] and B [S, d_out, R]
+(PEFT's layouts stacked by slot, R = max_rank) plus each slot's true rank and scale per target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_KEY = re.compile(r"(?:.*\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$")
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be served by this base model; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class ModelShapes:
+    """What an adapter must fit: layer count and (d_in, d_out) of each target projection."""
+
+    num_layers: int
+    projections: Mapping[str, tuple[int, int]]
+
+
+@dataclass
+class LoraAdapter:
+    """An adapter in host memory, checked against the base model.
+
+    weights[(layer, target)] = (A [r, d_in], B [d_out, r]); one rank and scale per adapter.
+    """
+
+    name: str
+    rank: int
+    scale: float
+    targets: tuple[str, ...]
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values()
+        )
+
+    def pin_memory(self) -> LoraAdapter:
+        """Page-lock the host tensors so that copies to the GPU can run asynchronously."""
+        self.weights = {k: (a.pin_memory(), b.pin_memory()) for k, (a, b) in self.weights.items()}
+        return self
+
+
+def read_adapter_dir(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read a PEFT adapter directory: (adapter_config, tensors). Safetensors only, never pickles."""
+    path = Path(path)
+    config_file = path / "adapter_config.json"
+    weights_file = path / "adapter_model.safetensors"
+    if not config_file.is_file():
+        raise AdapterError(f"{path}: adapter_config.json is missing")
+    if not weights_file.is_file():
+        raise AdapterError(f"{path}: adapter_model.safetensors is missing (only safetensors are accepted)")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{path}: adapter_config.json is not valid JSON: {exc}") from exc
+    try:
+        tensors = load_file(str(weights_file))
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise AdapterError(f"{path}: adapter_model.safetensors cannot be read: {exc}") from exc
+    return config, tensors
+
+
+def parse_adapter(
+    name: str,
+    config: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    shapes: ModelShapes,
+    max_rank: int,
+    dtype: torch.dtype,
+) -> LoraAdapter:
+    """Check a PEFT config and tensors against the base model and return the adapter.
+
+    Raises AdapterError naming the first problem: wrong type, unsupported options, rank above
+    max_rank, unknown target module, missing or extra tensors, wrong shapes, NaN or Inf.
+    """
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise AdapterError(f"adapter {name!r}: peft_type must be LORA, not {config.get('peft_type')!r}")
+    for option in ("rank_pattern", "alpha_pattern", "layers_to_transform", "modules_to_save"):
+        if config.get(option):
+            raise AdapterError(f"adapter {name!r}: {option} is not supported")
+    if config.get("use_dora"):
+        raise AdapterError(f"adapter {name!r}: DoRA adapters are not supported")
+    rank = int(config.get("r", 0))
+    if not 1 <= rank <= max_rank:
+        raise AdapterError(
+            f"adapter {name!r}: rank {rank} is outside 1..{max_rank} (max_rank of this engine)"
+        )
+    alpha = float(config.get("lora_alpha", rank))
+    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    weights = _collect(name, tensors, shapes, rank, dtype)
+    targets = tuple(t for t in TARGETS if any(key[1] == t for key in weights))
+    return LoraAdapter(name=name, rank=rank, scale=scale, targets=targets, weights=weights)
+
+
+def _collect(
+    name: str, tensors: Mapping[str, torch.Tensor], shapes: ModelShapes, rank: int, dtype: torch.dtype
+) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+    halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _KEY.match(key)
+        if match is None:
+            raise AdapterError(f"adapter {name!r}: unexpected tensor {key!r}")
+        layer, target, half = int(match[1]), match[2], match[3]
+        if target not in shapes.projections:
+            raise AdapterError(f"adapter {name!r}: target module {target!r} is not one of {list(TARGETS)}")
+        if not 0 <= layer < shapes.num_layers:
+            raise AdapterError(f"adapter {name!r}: layer {layer} but the base model has {shapes.num_layers}")
+        d_in, d_out = shapes.projections[target]
+        expected = (rank, d_in) if half == "A" else (d_out, rank)
+        if tuple(tensor.shape) != expected:
+            raise AdapterError(
+                f"adapter {name!r}: {key} has shape {tuple(tensor.shape)}, the base model needs {expected}"
+            )
+        if not torch.isfinite(tensor).all():
+            raise AdapterError(f"adapter {name!r}: {key} holds NaN or Inf")
+        halves.setdefault((layer, target), {})[half] = tensor.to(dtype).contiguous()
+    weights = {}
+    for (layer, target), pair in sorted(halves.items()):
+        if set(pair) != {"A", "B"}:
+            missing = "lora_B" if "A" in pair else "lora_A"
+            raise AdapterError(f"adapter {name!r}: layer {layer} {target} has no {missing}")
+        weights[(layer, target)] = (pair["A"], pair["B"])
+    targets = {t for _, t in weights}
+    for target in targets:
+        layers = {layer for layer, t in weights if t == target}
+        if len(layers) != shapes.num_layers:
+            raise AdapterError(
+                f"adapter {name!r}: {target} is adapted in {len(layers)} of {shapes.num_layers} layers"
+            )
+    if not weights:
+        raise AdapterError(f"adapter {name!r}: no LoRA tensors found")
+    return weights
+
+
+class AdapterSlots:
+    """A fixed pool of `num_slots` device slots for adapters of rank <= max_rank.
+
+    a[layer][target]: [S, R, d_in]; b[layer][target]: [S, d_out, R]; ranks[target]: [S] int32;
+    scales[target]: [S] float32. A slot that does not adapt a target has rank 1 with zero weights
+    and scale 0, so one token-to-slot map serves every target. Copies from host memory run on a
+    side stream on CUDA; `wait_ready(slot)` makes the compute stream wait for them.
+    """
+
+    def __init__(
+        self, shapes: ModelShapes, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device
+    ):
+        if num_slots < 1:
+            raise ValueError(f"max_loras must be >= 1, not {num_slots}")
+        if max_rank < 1:
+            raise ValueError(f"max_rank must be >= 1, not {max_rank}")
+        self.shapes = shapes
+        self.num_slots = num_slots
+        self.max_rank = max_rank
+        self.device = device
+        self.a = [
+            {
+                t: torch.zeros(num_slots, max_rank, d_in, dtype=dtype, device=device)
+                for t, (d_in, _) in shapes.projections.items()
+            }
+            for _ in range(shapes.num_layers)
+        ]
+        self.b = [
+            {
+                t: torch.zeros(num_slots, d_out, max_rank, dtype=dtype, device=device)
+                for t, (_, d_out) in shapes.projections.items()
+            }
+            for _ in range(shapes.num_layers)
+        ]
+        self.ranks = {t: torch.ones(num_slots, dtype=torch.int32, device=device) for t in shapes.projections}
+        self.scales = {
+            t: torch.zeros(num_slots, dtype=torch.float32, device=device) for t in shapes.projections
+        }
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._ready: dict[int, Any] = {}
+
+    @property
+    def nbytes(self) -> int:
+        per_layer = sum(t.numel() * t.element_size() for t in (*self.a[0].values(), *self.b[0].values()))
+        return per_layer * self.shapes.num_layers
+
+    def load(self, slot: int, adapter: LoraAdapter) -> None:
+        """Copy `adapter` into `slot` (asynchronously on CUDA: call wait_ready before use)."""
+        if not 0 <= slot < self.num_slots:
+            raise IndexError(f"slot {slot} is outside 0..{self.num_slots - 1}")
+        stream = self._copy_stream
+        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+        r = adapter.rank
+        with ctx:
+            for layer in range(self.shapes.num_layers):
+                for target in self.shapes.projections:
+                    a_dst, b_dst = self.a[layer][target][slot], self.b[layer][target][slot]
+                    pair = adapter.weights.get((layer, target))
+                    if pair is None:
+                        a_dst[:1].zero_()
+                        b_dst[:, :1].zero_()
+                        continue
+                    a_dst[:r].copy_(pair[0], non_blocking=True)
+                    b_dst[:, :r].copy_(pair[1], non_blocking=True)
+            for target in self.shapes.projections:
+                adapted = target in adapter.targets
+                self.ranks[target][slot] = r if adapted else 1
+                self.scales[target][slot] = adapter.scale if adapted else 0.0
+            if stream is not None:
+                event = torch.cuda.Event()
+                event.record(stream)
+                self._ready[slot] = event
+
+    def wait_ready(self, slot: int) -> None:
+        """Make the current stream wait until the copy into `slot` is done (no-op on CPU)."""
+        event = self._ready.pop(slot, None)
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)

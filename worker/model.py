@@ -1,0 +1,242 @@
+"""A compact decoder for the Llama family (Llama, Mistral, Qwen2, Qwen3) with multi-LoRA projections.
+
+Weights load from a Hugging Face model directory (safetensors, sharded or not). Family traits are
+flags read from the config: q/k/v biases (Qwen2), q/k RMSNorm (Qwen3), tied embeddings, sliding
+windows (Mistral, Qwen2/3 `layer_types`). Rotary cos/sin come from transformers' own rotary module,
+which covers every rope type it knows (Llama-3 scaling included).
+
+Every linear projection takes the step's token-to-adapter-slot map: y = x W^T (+ b) plus, for tokens
+with an adapter, scale * (x A^T) B^T through the multi-LoRA kernels (their torch reference on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from transformers import AutoConfig, PretrainedConfig
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from lorafleet.kernels import LoraBatchMeta, lora_expand, lora_shrink, paged_attention
+from lorafleet.worker.adapters import AdapterSlots, ModelShapes
+from lorafleet.worker.attention import write_kv
+from lorafleet.worker.batch import StepBatch
+from lorafleet.worker.kv_cache import KVCache
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The shapes and family flags of a base model, read from its config."""
+
+    family: str
+    hidden: int
+    intermediate: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_positions: int
+    rms_eps: float
+    qkv_bias: bool
+    qk_norm: bool
+    tied_embeddings: bool
+    sliding_windows: tuple[int | None, ...]  # per layer
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig) -> ModelSpec:
+        family = config.model_type
+        if family not in SUPPORTED_FAMILIES:
+            raise ValueError(
+                f"model_type {family!r} is not supported; lorafleet serves {list(SUPPORTED_FAMILIES)}"
+            )
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        layers = config.num_hidden_layers
+        window = getattr(config, "sliding_window", None)
+        layer_types = getattr(config, "layer_types", None)
+        if family == "mistral":
+            windows = tuple([window] * layers)
+        elif layer_types:
+            windows = tuple(window if kind == "sliding_attention" else None for kind in layer_types)
+        else:
+            windows = tuple([None] * layers)
+        eos = config.eos_token_id
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        return cls(
+            family=family,
+            hidden=config.hidden_size,
+            intermediate=config.intermediate_size,
+            num_layers=layers,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads,
+            head_dim=head_dim,
+            vocab_size=config.vocab_size,
+            max_positions=config.max_position_embeddings,
+            rms_eps=config.rms_norm_eps,
+            qkv_bias=family == "qwen2" or bool(getattr(config, "attention_bias", False)),
+            qk_norm=family == "qwen3",
+            tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            sliding_windows=windows,
+            eos_token_ids=eos_ids,
+        )
+
+    @property
+    def shapes(self) -> ModelShapes:
+        """(d_in, d_out) of each LoRA-targetable projection."""
+        q_out = self.num_heads * self.head_dim
+        kv_out = self.num_kv_heads * self.head_dim
+        return ModelShapes(
+            num_layers=self.num_layers,
+            projections={
+                "q_proj": (self.hidden, q_out),
+                "k_proj": (self.hidden, kv_out),
+                "v_proj": (self.hidden, kv_out),
+                "o_proj": (q_out, self.hidden),
+                "gate_proj": (self.hidden, self.intermediate),
+                "up_proj": (self.hidden, self.intermediate),
+                "down_proj": (self.intermediate, self.hidden),
+            },
+        )
+
+
+def load_safetensors(model_dir: Path, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """All tensors of a model directory (model.safetensors or its sharded index), cast to dtype."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (model_dir / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        with safe_open(str(model_dir / name), framework="pt", device="cpu") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                tensors[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+    return tensors
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32 like transformers, then scaled by weight in the input dtype."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class DecoderModel:
+    """Base-model weights plus the forward pass over a packed StepBatch."""
+
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        weights: dict[str, torch.Tensor],
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
+        self.config = config
+        self.spec = ModelSpec.from_config(config)
+        self.device = device
+        self.dtype = dtype
+        self.weights = weights
+        self.embed = weights["model.embed_tokens.weight"]  # [V, d]
+        self.lm_head = self.embed if self.spec.tied_embeddings else weights["lm_head.weight"]  # [V, d]
+        self.final_norm = weights["model.norm.weight"]
+        # The Llama rotary module reads only rope fields that every supported family shares.
+        self.rotary = LlamaRotaryEmbedding(config).to(device)  # type: ignore[arg-type]
+        self.scale = self.spec.head_dim**-0.5
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, device: torch.device, dtype: torch.dtype) -> DecoderModel:
+        """Load config.json and the safetensors weights of a model directory."""
+        path = Path(model_dir)
+        config = AutoConfig.from_pretrained(str(path))
+        ModelSpec.from_config(config)  # fail fast on an unsupported family
+        return cls(config, load_safetensors(path, device, dtype), device, dtype)
+
+    def _w(self, layer: int, name: str) -> torch.Tensor:
+        return self.weights[f"model.layers.{layer}.{name}"]
+
+    def _linear(
+        self,
+        x: torch.Tensor,
+        layer: int,
+        block: str,
+        target: str,
+        batch: StepBatch,
+        slots: AdapterSlots | None,
+    ) -> torch.Tensor:
+        # x: [N, d_in] -> [N, d_out]
+        prefix = f"model.layers.{layer}.{block}.{target}"
+        y = F.linear(x, self.weights[f"{prefix}.weight"], self.weights.get(f"{prefix}.bias"))
+        if batch.has_lora and slots is not None:
+            ranks, scales = slots.ranks[target], slots.scales[target]
+            meta = batch.lora_meta
+            h = lora_shrink(x, slots.a[layer][target], batch.token_slots, ranks, meta=meta)  # [N, R] fp32
+            lora_expand(h, slots.b[layer][target], batch.token_slots, ranks, scales, y, meta=meta)
+        return y
+
+    def _attention(
+        self, x: torch.Tensor, layer: int, batch: StepBatch, cache: KVCache, slots: AdapterSlots | None,
+        cos: torch.Tensor, sin: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        spec = self.spec
+        n = x.shape[0]
+        q_shape, kv_shape = (n, spec.num_heads, spec.head_dim), (n, spec.num_kv_heads, spec.head_dim)
+        q = self._linear(x, layer, "self_attn", "q_proj", batch, slots).view(q_shape)
+        k = self._linear(x, layer, "self_attn", "k_proj", batch, slots).view(kv_shape)
+        v = self._linear(x, layer, "self_attn", "v_proj", batch, slots).view(kv_shape)
+        if spec.qk_norm:
+            q = rms_norm(q, self._w(layer, "self_attn.q_norm.weight"), spec.rms_eps)
+            k = rms_norm(k, self._w(layer, "self_attn.k_norm.weight"), spec.rms_eps)
+        q = q * cos + _rotate_half(q) * sin  # cos, sin: [N, 1, D]
+        k = k * cos + _rotate_half(k) * sin
+        k_cache, v_cache = cache.k[layer], cache.v[layer]
+        write_kv(k_cache, v_cache, k, v, batch)
+        out = paged_attention(
+            q, k_cache, v_cache, batch.block_tables, batch.token_seq, batch.positions, self.scale,
+            sliding_window=spec.sliding_windows[layer],
+        )  # fmt: skip
+        return self._linear(out.reshape(n, -1), layer, "self_attn", "o_proj", batch, slots)
+
+    def _mlp(self, x: torch.Tensor, layer: int, batch: StepBatch, slots: AdapterSlots | None) -> torch.Tensor:
+        gate = self._linear(x, layer, "mlp", "gate_proj", batch, slots)
+        up = self._linear(x, layer, "mlp", "up_proj", batch, slots)
+        return self._linear(F.silu(gate) * up, layer, "mlp", "down_proj", batch, slots)
+
+    @torch.inference_mode()
+    def forward(self, batch: StepBatch, cache: KVCache, slots: AdapterSlots | None) -> torch.Tensor:
+        """Run every layer over the step's tokens; logits of each sequence's last token [B, V] fp32."""
+        spec = self.spec
+        if batch.has_lora and slots is not None and batch.lora_meta is None:
+            # Tokens grouped by adapter slot, once per step, shared by every LoRA projection.
+            batch.lora_meta = LoraBatchMeta.build(batch.token_slots, slots.num_slots)
+        h = self.embed[batch.input_ids]  # [N, d]
+        cos, sin = self.rotary(h, batch.positions[None, :])  # [1, N, D] each
+        cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [N, 1, D]
+        for layer in range(spec.num_layers):
+            x = rms_norm(h, self._w(layer, "input_layernorm.weight"), spec.rms_eps)
+            h = h + self._attention(x, layer, batch, cache, slots, cos, sin)
+            x = rms_norm(h, self._w(layer, "post_attention_layernorm.weight"), spec.rms_eps)
+            h = h + self._mlp(x, layer, batch, slots)
+        last = rms_norm(h[batch.logits_index], self.final_norm, spec.rms_eps)  # [B, d]
+        return F.linear(last, self.lm_head).float()  # [B, V]
+
+    def memory_bytes(self) -> int:
+        """Bytes of the loaded weights."""
+        seen: dict[int, Any] = {}
+        for t in self.weights.values():
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+        return sum(seen.values())

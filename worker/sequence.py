@@ -1,0 +1,105 @@
+"""Requests, the sequences the engine runs for them, and what comes out."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+
+class FinishReason(enum.StrEnum):
+    """Why a sequence stopped."""
+
+    STOP = "stop"  # eos, a stop token id or a stop string
+    LENGTH = "length"  # max_new_tokens, or the model's context is full
+    ABORTED = "aborted"  # abort() was called (cancel, deadline, drain)
+
+
+@dataclass
+class GenerationRequest:
+    """One prompt to complete, on the base model (adapter=None) or through one adapter.
+
+    temperature 0 is greedy. With temperature > 0, `seed` makes the sampled tokens reproducible
+    whatever else runs in the same batch (a request without a seed gets one from its id).
+    """
+
+    prompt_ids: list[int]
+    adapter: str | None = None
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    request_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.prompt_ids:
+            raise ValueError("prompt_ids must hold at least one token id")
+        if any(not isinstance(t, int) or t < 0 for t in self.prompt_ids):
+            raise ValueError("prompt_ids must be non-negative integers")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, not {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, not {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], not {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), not {self.top_k}")
+
+
+@dataclass
+class GenerationOutput:
+    """The result of one request."""
+
+    request_id: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    text: str | None = None
+    prompt_tokens: int = 0
+
+
+@dataclass
+class StepOutput:
+    """What one engine step produced for one sequence: its new token, and whether it finished."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: FinishReason | None = None
+
+
+_seq_counter = itertools.count()
+
+
+@dataclass
+class Sequence:
+    """A request while the engine runs it: its tokens, KV blocks and adapter slot."""
+
+    request: GenerationRequest
+    request_id: str
+    eos_token_id: int | None
+    output_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    reserved_blocks: int = 0
+    lora_slot: int = -1
+    num_cached: int = 0  # tokens whose K/V are in the cache
+    finish_reason: FinishReason | None = None
+    text: str | None = None
+    order: int = field(default_factory=lambda: next(_seq_counter))
+
+    @property
+    def length(self) -> int:
+        """Prompt plus generated tokens."""
+        return len(self.request.prompt_ids) + len(self.output_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def pending_ids(self) -> list[int]:
+        """Tokens whose K/V are not cached yet: the prompt at prefill, the last token at decode."""
+        all_ids = self.request.prompt_ids + self.output_ids
+        return all_ids[self.num_cached :]
