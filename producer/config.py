@@ -1,0 +1,115 @@
+"""The producer's settings: one dataclass, validated once, built from keywords or the environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from lorafleet.producer.keys import DEFAULT_NAMESPACE, check_client_id, check_namespace
+from lorafleet.producer.protocol import DEFAULT_REPLY_TTL, MAX_REPLY_TTL
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+ENV_PREFIX = "LORAFLEET_"
+
+
+@dataclass(frozen=True)
+class ProducerConfig:
+    """Settings of a `Producer` / `AsyncProducer` (and of `lorafleet submit`).
+
+    redis_url: where Redis is; the client pins RESP2 unless the URL asks for ``protocol=3``.
+    namespace: prefix of every key (docs/protocol.md, "Keys").
+    client_id: names this client's reply stream; a random one when None. Give a stable id to read
+        replies of jobs submitted before a restart.
+    max_waiting_per_adapter: backpressure limit on the length of one adapter's job stream
+        (waiting + running jobs); 0 disables it. Over it, submit raises `QueueFull`.
+    reply_ttl: seconds the reply stream lives after the last reply written to it.
+    dedup_ttl: seconds a job id stays reserved (its idempotency key) after submission.
+    cancel_ttl: seconds a cancel marker lives when the job has no deadline.
+    socket_timeout: seconds for every ordinary command (connect included).
+    max_block: longest single blocking read (XREAD BLOCK) in seconds; the reader's socket timeout
+        is max_block + socket_timeout, so blocking reads never time out spuriously.
+    wake_maxlen: approximate length the wake-up stream is trimmed to.
+    """
+
+    redis_url: str = DEFAULT_REDIS_URL
+    namespace: str = DEFAULT_NAMESPACE
+    client_id: str | None = None
+    max_waiting_per_adapter: int = 10_000
+    reply_ttl: int = DEFAULT_REPLY_TTL
+    dedup_ttl: int = 3600
+    cancel_ttl: int = 3600
+    socket_timeout: float = 5.0
+    max_block: float = 10.0
+    wake_maxlen: int = 1000
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.redis_url, str) or not self.redis_url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ValueError(
+                f"redis_url must start with redis://, rediss:// or unix://, got {self.redis_url!r}"
+            )
+        check_namespace(self.namespace)
+        if self.client_id is not None:
+            check_client_id(self.client_id)
+        _check_int("max_waiting_per_adapter", self.max_waiting_per_adapter, 0)
+        _check_int("reply_ttl", self.reply_ttl, 1, MAX_REPLY_TTL)
+        _check_int("dedup_ttl", self.dedup_ttl, 1)
+        _check_int("cancel_ttl", self.cancel_ttl, 1)
+        _check_positive("socket_timeout", self.socket_timeout)
+        _check_positive("max_block", self.max_block)
+        _check_int("wake_maxlen", self.wake_maxlen, 1)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ProducerConfig:
+        """Settings from ``LORAFLEET_<FIELD>`` variables (e.g. LORAFLEET_REDIS_URL), then `overrides`."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f.name, raw, f.type)
+        return cls().with_settings(**values).with_settings(**overrides)
+
+    def redis_options(self, *, blocking: bool = False) -> dict[str, Any]:
+        """Keyword arguments for ``Redis.from_url`` (sync or asyncio) of one of the client's connections.
+
+        RESP2 is pinned (a URL with ``?protocol=3`` still wins; replies are parsed for both). The
+        blocking reader's socket timeout exceeds the longest block, so XREAD BLOCK never times out
+        on the socket before Redis answers.
+        """
+        timeout = self.max_block + self.socket_timeout if blocking else self.socket_timeout
+        return {"protocol": 2, "socket_timeout": timeout, "socket_connect_timeout": self.socket_timeout}
+
+    def with_settings(self, **settings: Any) -> ProducerConfig:
+        """A copy with some fields replaced; an unknown name raises TypeError naming it."""
+        known = {f.name for f in fields(self)}
+        for name in settings:
+            if name not in known:
+                raise TypeError(f"unknown producer setting {name!r} (known: {', '.join(sorted(known))})")
+        return replace(self, **settings) if settings else self
+
+
+def _parse(name: str, raw: str, annotation: Any) -> Any:
+    text = str(annotation)
+    try:
+        if text.startswith("int"):
+            return int(raw)
+        if text.startswith("float"):
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"{ENV_PREFIX}{name.upper()} must be a number, got {raw!r}") from None
+    return raw
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        bound = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")

@@ -1,0 +1,197 @@
+"""The worker's side of protocol v1: reading jobs and answering them, with the scripts producers trust.
+
+These helpers belong to the contract (docs/protocol.md, "What a worker must do"), so they live
+beside the codec: a worker built on them keeps the `waiting` index right, answers and acknowledges
+in one atomic step, and dead-letters what it cannot run. They take a synchronous redis-py client;
+the scripts in `lorafleet.producer.scripts` are the same for any client.
+
+A worker loop, in short::
+
+    position = wake_position(r, keys)
+    while running:
+        queues = [q for q, _ in waiting_queues(r, keys)]        # (the scheduler picks among them)
+        deliveries = read_jobs(r, keys, queues, consumer="w1") if queues else []
+        if not deliveries:
+            position = wait_for_work(r, keys, position, block=5.0)
+            continue
+        for d in deliveries:
+            try:
+                job = decode_job(d.payload, keys)
+            except ProtocolError as exc:
+                reject(r, keys, d, exc)
+                continue
+            ...  # run it; publish_chunk(...) while streaming
+            publish_final(r, d.stream, d.entry_id, result, reply_to=job.reply_to, reply_ttl=job.reply_ttl)
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from redis.exceptions import NoScriptError, ResponseError
+
+from lorafleet.producer import scripts
+from lorafleet.producer.errors import ProtocolError
+from lorafleet.producer.keys import Keys, adapter_of_queue
+from lorafleet.producer.protocol import REPLY_FIELD, Chunk, ErrorReply, Reply, encode_reply, entry_time
+from lorafleet.producer.streams import xrange_entries, xread_entries
+
+
+@dataclass(frozen=True)
+class _Lua:
+    text: str
+
+    @property
+    def sha(self) -> str:
+        return hashlib.sha1(self.text.encode()).hexdigest()
+
+
+_READ, _FINAL, _DEAD = _Lua(scripts.READ), _Lua(scripts.FINAL), _Lua(scripts.DEAD)
+
+
+def _run(r: redis.Redis, script: _Lua, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    """EVALSHA, falling back to EVAL (which caches the script) when the server does not know it."""
+    try:
+        return r.evalsha(script.sha, len(keys), *keys, *args)
+    except NoScriptError:
+        return r.eval(script.text, len(keys), *keys, *args)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One job entry read from a job stream by this consumer."""
+
+    queue: str  # queue name: the adapter id, or "~base"
+    stream: str  # the job stream key
+    entry_id: str
+    payload: bytes  # the `j` field: msgpack bytes for `decode_job`
+
+    @property
+    def adapter(self) -> str | None:
+        """The adapter id of the queue (None for the base model)."""
+        return adapter_of_queue(self.queue)
+
+    @property
+    def enqueued_at(self) -> float:
+        """Unix time (seconds, Redis server clock) when the job was appended."""
+        return entry_time(self.entry_id)
+
+
+def ensure_group(r: redis.Redis, keys: Keys, queue: str) -> None:
+    """Create the consumer group on a queue's job stream (with MKSTREAM); BUSYGROUP is ignored."""
+    try:
+        r.xgroup_create(keys.jobs_of_queue(queue), keys.group, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+def waiting_queues(r: redis.Redis, keys: Keys, limit: int = 64) -> list[tuple[str, float]]:
+    """Queues with undelivered jobs, oldest first: (queue, enqueue time of its oldest job in unix seconds)."""
+    pairs: list[Any] = list(r.zrange(keys.waiting, 0, limit - 1, withscores=True))
+    return [(_text(pair[0]), float(pair[1]) / 1000.0) for pair in pairs]
+
+
+def wake_position(r: redis.Redis, keys: Keys) -> bytes:
+    """The id of the newest wake-up entry: block on the wake stream *after* it (b"0-0" if none)."""
+    entries = xrange_entries(r.xrevrange(keys.wake, count=1))
+    return entries[0][0] if entries else b"0-0"
+
+
+def wait_for_work(r: redis.Redis, keys: Keys, after: bytes, block: float) -> bytes:
+    """Block until a queue starts waiting after position `after` (or `block` seconds pass).
+
+    Returns the new position to pass next time. Take the position *before* looking for work, so
+    that a queue that starts waiting in between wakes the next call at once. More jobs for a queue
+    that is already waiting wake nobody: keep `block` within the scheduler's time bounds. `r` must
+    have a socket timeout longer than `block`.
+    """
+    response = r.xread({keys.wake: after}, count=1000, block=max(1, int(block * 1000)))
+    entries = xread_entries(response, keys.wake)
+    return entries[-1][0] if entries else after
+
+
+def read_jobs(
+    r: redis.Redis, keys: Keys, queues: Sequence[str], consumer: str, count: int = 16
+) -> list[Delivery]:
+    """XREADGROUP up to `count` new jobs from each queue and update `waiting` in the same atomic step."""
+    if not queues:
+        return []
+    streams = [keys.jobs_of_queue(q) for q in queues]
+    flat = _run(r, _READ, [keys.waiting, *streams], [keys.group, consumer, count, *queues])
+    out = []
+    for i in range(0, len(flat), 3):
+        queue = _text(flat[i])
+        out.append(Delivery(queue, keys.jobs_of_queue(queue), _text(flat[i + 1]), bytes(flat[i + 2])))
+    return out
+
+
+def is_cancelled(r: redis.Redis, keys: Keys, job_id: str) -> bool:
+    """True when the client has set the job's cancel marker."""
+    return bool(r.exists(keys.cancel(job_id)))
+
+
+def publish_chunk(r: redis.Redis, chunk: Chunk, *, reply_to: str, reply_ttl: int) -> None:
+    """Append a streamed chunk to the reply stream and refresh its expiry (one round trip)."""
+    pipe = r.pipeline(transaction=False)
+    pipe.xadd(reply_to, {REPLY_FIELD: encode_reply(chunk)})
+    pipe.expire(reply_to, reply_ttl)
+    pipe.execute()
+
+
+def publish_final(
+    r: redis.Redis,
+    stream: str,
+    entry_id: str,
+    reply: Reply,
+    *,
+    reply_to: str,
+    reply_ttl: int,
+    group: str = Keys.GROUP,
+) -> bool:
+    """Atomically append the final reply, refresh the reply stream's expiry, XACK and XDEL the job.
+
+    Returns False (and writes nothing) when the entry was no longer pending: another worker that
+    claimed it has answered already.
+    """
+    return bool(_run(r, _FINAL, [stream, reply_to], [group, entry_id, encode_reply(reply), reply_ttl * 1000]))
+
+
+def dead_letter(
+    r: redis.Redis,
+    keys: Keys,
+    delivery: Delivery,
+    reason: str,
+    *,
+    deliveries: int = 1,
+    reply: Reply | None = None,
+    reply_to: str | None = None,
+    reply_ttl: int = 3600,
+) -> bool:
+    """Atomically copy the job to the dead-letter stream, optionally reply, XACK and XDEL it."""
+    stream_keys = [delivery.stream, keys.dead]
+    args: list[Any] = [keys.group, delivery.entry_id, delivery.payload, reason, deliveries]
+    if reply is not None and reply_to is not None:
+        stream_keys.append(reply_to)
+        args += [encode_reply(reply), reply_ttl * 1000]
+    return bool(_run(r, _DEAD, stream_keys, args))
+
+
+def reject(r: redis.Redis, keys: Keys, delivery: Delivery, error: ProtocolError, worker: str = "") -> bool:
+    """Answer a job that `decode_job` refused: an error reply when it names a valid reply stream and
+    job id, else a dead letter (nobody could be told)."""
+    if error.job_id is not None and error.reply_to is not None:
+        reply = ErrorReply.of(error.job_id, error.code, error.message, worker=worker)
+        ttl = error.reply_ttl or 3600
+        return publish_final(
+            r, delivery.stream, delivery.entry_id, reply, reply_to=error.reply_to, reply_ttl=ttl
+        )
+    return dead_letter(r, keys, delivery, f"{error.code}: {error.message}")

@@ -1,0 +1,189 @@
+"""Every Redis key lorafleet uses, in one place, and the syntax of the names that go into them.
+
+All keys live under a namespace prefix (default ``lorafleet``), so that several deployments can
+share one Redis. docs/protocol.md lists the same keys for producers written in other languages.
+
+>>> keys = Keys()
+>>> keys.jobs("support-bot@3")
+'lorafleet:jobs:support-bot@3'
+>>> keys.jobs(None)
+'lorafleet:jobs:~base'
+
+Names are checked here because they become parts of keys: an adapter id can never contain ``~``
+(so no adapter collides with the base model's queue), ``/`` or ``..`` (so it is never a path
+traversal on a worker's disk cache), and no id contains whitespace or ``*``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import ClassVar
+
+DEFAULT_NAMESPACE = "lorafleet"
+# The queue name of jobs for the base model (no adapter). `~` is outside the adapter charset.
+BASE_QUEUE = "~base"
+
+_NAME = re.compile(r"[A-Za-z0-9._-]+")
+_JOB_ID = re.compile(r"[A-Za-z0-9._:-]+")
+# Braces are allowed so that a namespace can be a Redis Cluster hash tag, e.g. "{lf}".
+_NAMESPACE = re.compile(r"[A-Za-z0-9._:{}-]+")
+
+MAX_ADAPTER_NAME = 128
+MAX_ADAPTER_VERSION = 64
+MAX_JOB_ID = 128
+MAX_CLIENT_ID = 64
+MAX_NAMESPACE = 64
+
+
+def _check_name(field: str, value: object, max_len: int) -> str:
+    """A name of charset [A-Za-z0-9._-], 1..max_len chars, no leading dot and no '..'."""
+    if not isinstance(value, str):
+        raise TypeError(f"{field} must be a string, not {type(value).__name__}")
+    if not 1 <= len(value) <= max_len:
+        raise ValueError(f"{field} must be 1..{max_len} characters long, got {len(value)}")
+    if not _NAME.fullmatch(value):
+        raise ValueError(f"{field} {value!r} may contain only letters, digits, '.', '_' and '-'")
+    if value.startswith(".") or ".." in value:
+        raise ValueError(f"{field} {value!r} must not start with '.' or contain '..'")
+    return value
+
+
+def check_adapter_id(adapter: object, field: str = "adapter") -> str:
+    """Validate an adapter id, ``name`` or ``name@version``, and return it.
+
+    name: [A-Za-z0-9._-], 1..128 chars, no leading dot, no '..'; version: the same rules, 1..64 chars.
+    """
+    if not isinstance(adapter, str):
+        raise TypeError(f"{field} must be a string or None, not {type(adapter).__name__}")
+    name, sep, version = adapter.partition("@")
+    _check_name(f"{field} name", name, MAX_ADAPTER_NAME)
+    if sep:
+        _check_name(f"{field} version", version, MAX_ADAPTER_VERSION)
+    return adapter
+
+
+def check_job_id(job_id: object, field: str = "id") -> str:
+    """Validate a job id: [A-Za-z0-9._:-], 1..128 chars."""
+    if not isinstance(job_id, str):
+        raise TypeError(f"{field} must be a string, not {type(job_id).__name__}")
+    if not 1 <= len(job_id) <= MAX_JOB_ID:
+        raise ValueError(f"{field} must be 1..{MAX_JOB_ID} characters long, got {len(job_id)}")
+    if not _JOB_ID.fullmatch(job_id):
+        raise ValueError(f"{field} {job_id!r} may contain only letters, digits, '.', '_', ':' and '-'")
+    return job_id
+
+
+def check_client_id(client_id: object, field: str = "client_id") -> str:
+    """Validate a client id: [A-Za-z0-9._-], 1..64 chars, no leading dot, no '..'."""
+    return _check_name(field, client_id, MAX_CLIENT_ID)
+
+
+def check_namespace(namespace: object, field: str = "namespace") -> str:
+    """Validate a namespace: [A-Za-z0-9._:{}-], 1..64 chars."""
+    if not isinstance(namespace, str):
+        raise TypeError(f"{field} must be a string, not {type(namespace).__name__}")
+    if not 1 <= len(namespace) <= MAX_NAMESPACE or not _NAMESPACE.fullmatch(namespace):
+        raise ValueError(
+            f"{field} {namespace!r} must be 1..{MAX_NAMESPACE} characters of [A-Za-z0-9._:{{}}-]"
+        )
+    return namespace
+
+
+def queue_name(adapter: str | None) -> str:
+    """The queue (job stream suffix, member of the waiting set) of an adapter id; None or '' is the base."""
+    if adapter is None or adapter == "":
+        return BASE_QUEUE
+    return check_adapter_id(adapter)
+
+
+def adapter_of_queue(queue: str) -> str | None:
+    """Inverse of `queue_name`: the adapter id of a queue, None for the base model's queue."""
+    return None if queue == BASE_QUEUE else queue
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names under one namespace.
+
+    Job streams and the consumer group:
+        jobs(adapter)     ``{ns}:jobs:{queue}``  stream, one per adapter id (``~base`` for the base model)
+        GROUP             ``workers``            the consumer group on every job stream
+    Indexes and signals:
+        waiting           ``{ns}:waiting``       sorted set: queue -> enqueue ms of its oldest undelivered job
+        queues            ``{ns}:queues``        set: every queue ever submitted to (for recovery scans)
+        wake              ``{ns}:wake``          stream, an entry per queue that starts waiting; workers block
+        dead              ``{ns}:dead``          stream of dead-lettered jobs
+    Per client and per job:
+        reply(client_id)  ``{ns}:reply:{client_id}``  stream of replies to one client, expiring when idle
+        cancel(job_id)    ``{ns}:cancel:{job_id}``    string with a TTL: the job is cancelled
+        job(job_id)       ``{ns}:job:{job_id}``       string with a TTL: idempotency key, holds the entry id
+    """
+
+    namespace: str = DEFAULT_NAMESPACE
+
+    GROUP: ClassVar[str] = "workers"
+
+    def __post_init__(self) -> None:
+        check_namespace(self.namespace)
+
+    @property
+    def group(self) -> str:
+        """Name of the consumer group on every job stream."""
+        return self.GROUP
+
+    def jobs(self, adapter: str | None) -> str:
+        """Job stream of an adapter id (None or '' for the base model)."""
+        return f"{self.namespace}:jobs:{queue_name(adapter)}"
+
+    def jobs_of_queue(self, queue: str) -> str:
+        """Job stream of a queue name as stored in `waiting` and `queues`."""
+        return f"{self.namespace}:jobs:{queue}"
+
+    @property
+    def jobs_prefix(self) -> str:
+        """Common prefix of every job stream key."""
+        return f"{self.namespace}:jobs:"
+
+    def queue_of_stream(self, stream: str) -> str:
+        """Queue name of a job stream key (inverse of `jobs_of_queue`)."""
+        if not stream.startswith(self.jobs_prefix):
+            raise ValueError(f"{stream!r} is not a job stream of namespace {self.namespace!r}")
+        return stream[len(self.jobs_prefix) :]
+
+    @property
+    def waiting(self) -> str:
+        """Sorted set of queues with undelivered jobs, scored by the oldest one's enqueue time (ms)."""
+        return f"{self.namespace}:waiting"
+
+    @property
+    def queues(self) -> str:
+        """Set of every queue name that has been submitted to."""
+        return f"{self.namespace}:queues"
+
+    @property
+    def wake(self) -> str:
+        """Wake-up stream: an entry whenever a queue starts waiting, trimmed (MAXLEN ~); carries no jobs."""
+        return f"{self.namespace}:wake"
+
+    @property
+    def dead(self) -> str:
+        """Dead-letter stream."""
+        return f"{self.namespace}:dead"
+
+    @property
+    def reply_prefix(self) -> str:
+        """Common prefix of every reply stream key; workers write replies only under it."""
+        return f"{self.namespace}:reply:"
+
+    def reply(self, client_id: str) -> str:
+        """Reply stream of one client."""
+        return self.reply_prefix + check_client_id(client_id)
+
+    def cancel(self, job_id: str) -> str:
+        """Cancel marker of a job."""
+        return f"{self.namespace}:cancel:{check_job_id(job_id)}"
+
+    def job(self, job_id: str) -> str:
+        """Idempotency key of a job id."""
+        return f"{self.namespace}:job:{check_job_id(job_id)}"

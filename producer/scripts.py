@@ -1,0 +1,107 @@
+"""The Lua scripts of protocol v1: each is one atomic step on the Redis server.
+
+`SUBMIT` is published verbatim in docs/protocol.md (a test keeps the two equal) so that producers
+in other languages run the very same script. The worker-side scripts (`READ`, `FINAL`, `DEAD`) keep
+the `waiting` index right and make "reply + XACK + XDEL" one step; `lorafleet.producer.consumer`
+wraps them. All of them run on Redis 6.2 and later (exclusive XRANGE bounds need 6.2).
+"""
+
+from __future__ import annotations
+
+SUBMIT = """\
+-- lorafleet submit, protocol v1
+-- KEYS[1] job stream {ns}:jobs:{queue}   KEYS[2] {ns}:waiting   KEYS[3] {ns}:wake
+-- KEYS[4] {ns}:job:{id} (idempotency)    KEYS[5] {ns}:queues
+-- ARGV[1] job (msgpack)   ARGV[2] queue   ARGV[3] max waiting per adapter (0: no limit)
+-- ARGV[4] idempotency TTL (ms)   ARGV[5] wake stream MAXLEN   ARGV[6] consumer group
+-- Returns {'ok', entry id} | {'duplicate', entry id of the first submit} | {'full', stream length}
+local first = redis.call('GET', KEYS[4])
+if first then
+  return {'duplicate', first}
+end
+local length = redis.call('XLEN', KEYS[1])
+local limit = tonumber(ARGV[3])
+if limit > 0 and length >= limit then
+  return {'full', length}
+end
+if length == 0 and redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[6], '0', 'MKSTREAM')
+end
+local id = redis.call('XADD', KEYS[1], '*', 'j', ARGV[1])
+redis.call('SET', KEYS[4], id, 'PX', ARGV[4])
+-- A queue that was already waiting has been recorded and announced when it started waiting.
+if redis.call('ZADD', KEYS[2], 'NX', string.match(id, '^%d+'), ARGV[2]) == 1 then
+  redis.call('SADD', KEYS[5], ARGV[2])
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'q', ARGV[2])
+end
+return {'ok', id}
+"""
+
+READ = """\
+-- lorafleet worker read, protocol v1: XREADGROUP new entries and keep {ns}:waiting right
+-- KEYS[1] {ns}:waiting   KEYS[2..n] job streams
+-- ARGV[1] group   ARGV[2] consumer   ARGV[3] COUNT per stream   ARGV[4..] queue of KEYS[2..n]
+-- Returns a flat array: queue, entry id, job bytes, queue, entry id, job bytes, ...
+local out = {}
+local count = tonumber(ARGV[3])
+for i = 2, #KEYS do
+  local queue = ARGV[i + 2]
+  local oldest = false
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    local res = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', count, 'STREAMS', KEYS[i], '>')
+    local entries = res and res[1][2] or {}
+    for _, entry in ipairs(entries) do
+      local job = ''
+      for f = 1, #entry[2], 2 do
+        if entry[2][f] == 'j' then job = entry[2][f + 1] end
+      end
+      out[#out + 1] = queue
+      out[#out + 1] = entry[1]
+      out[#out + 1] = job
+    end
+    if #entries == count then
+      local more = redis.call('XRANGE', KEYS[i], '(' .. entries[#entries][1], '+', 'COUNT', 1)
+      if #more > 0 then oldest = more[1][1] end
+    end
+  end
+  if oldest then
+    redis.call('ZADD', KEYS[1], string.match(oldest, '^%d+'), queue)
+  else
+    redis.call('ZREM', KEYS[1], queue)
+  end
+end
+return out
+"""
+
+FINAL = """\
+-- lorafleet final reply, protocol v1: reply, XACK and XDEL in one step
+-- KEYS[1] job stream   KEYS[2] reply stream
+-- ARGV[1] group   ARGV[2] entry id   ARGV[3] reply (msgpack)   ARGV[4] reply TTL (ms)
+-- Returns 1, or 0 (and writes nothing) when the entry was not pending: another worker answered it.
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+  return 0
+end
+redis.call('XADD', KEYS[2], '*', 'r', ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('XDEL', KEYS[1], ARGV[2])
+return 1
+"""
+
+DEAD = """\
+-- lorafleet dead letter, protocol v1: copy to {ns}:dead, optionally reply, XACK and XDEL in one step
+-- KEYS[1] job stream   KEYS[2] {ns}:dead   KEYS[3] reply stream (optional)
+-- ARGV[1] group   ARGV[2] entry id   ARGV[3] job bytes   ARGV[4] reason   ARGV[5] deliveries
+-- ARGV[6] reply (msgpack, with KEYS[3])   ARGV[7] reply TTL (ms, with KEYS[3])
+-- Returns 1, or 0 (and writes nothing) when the entry was not pending.
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+  return 0
+end
+redis.call('XADD', KEYS[2], '*', 'j', ARGV[3], 'stream', KEYS[1], 'entry', ARGV[2],
+  'reason', ARGV[4], 'deliveries', ARGV[5])
+if KEYS[3] then
+  redis.call('XADD', KEYS[3], '*', 'r', ARGV[6])
+  redis.call('PEXPIRE', KEYS[3], ARGV[7])
+end
+redis.call('XDEL', KEYS[1], ARGV[2])
+return 1
+"""
