@@ -63,6 +63,16 @@ def check_adapter_id(adapter: object, field: str = "adapter") -> str:
     return adapter
 
 
+def check_adapter_name(name: object, field: str = "adapter name") -> str:
+    """Validate a bare adapter name (no ``@version``): the name rules of `check_adapter_id`."""
+    return _check_name(field, name, MAX_ADAPTER_NAME)
+
+
+def check_adapter_version(version: object, field: str = "adapter version") -> str:
+    """Validate an adapter version: [A-Za-z0-9._-], 1..64 chars, no leading dot, no '..'."""
+    return _check_name(field, version, MAX_ADAPTER_VERSION)
+
+
 def check_job_id(job_id: object, field: str = "id") -> str:
     """Validate a job id: [A-Za-z0-9._:-], 1..128 chars."""
     if not isinstance(job_id, str):
@@ -118,6 +128,16 @@ class Keys:
         reply(client_id)  ``{ns}:reply:{client_id}``  stream of replies to one client, expiring when idle
         cancel(job_id)    ``{ns}:cancel:{job_id}``    string with a TTL: the job is cancelled
         job(job_id)       ``{ns}:job:{job_id}``       string with a TTL: idempotency key, holds the entry id
+    Fleet directory (written by workers):
+        workers           ``{ns}:workers``            sorted set: worker id -> unix time of its last heartbeat
+        worker(worker_id) ``{ns}:worker:{worker_id}`` hash with a TTL: id, device, load, residents
+        lease(queue)      ``{ns}:lease:{queue}``      string with a short TTL: the worker loading that adapter
+    Adapter registry and control plane:
+        adapters          ``{ns}:adapters``           hash: adapter name -> its current ready version
+        adapter(name)     ``{ns}:adapter:{name}``     hash: version -> JSON record (state, files, rank)
+        adapter_names     ``{ns}:adapter-names``      set: every name with a registry entry
+        adapter_events    ``{ns}:adapter-events``     stream (MAXLEN ~): ready/warm/removed, for workers
+        control           ``{ns}:control``            name of the RQ queue of control jobs (RQ keys: ``rq:``)
     """
 
     namespace: str = DEFAULT_NAMESPACE
@@ -187,3 +207,40 @@ class Keys:
     def job(self, job_id: str) -> str:
         """Idempotency key of a job id."""
         return f"{self.namespace}:job:{check_job_id(job_id)}"
+
+    @property
+    def workers(self) -> str:
+        """Sorted set of worker ids scored by their last heartbeat (unix seconds)."""
+        return f"{self.namespace}:workers"
+
+    def worker(self, worker_id: str) -> str:
+        """Directory entry (hash) of one worker."""
+        return f"{self.namespace}:worker:{check_client_id(worker_id, 'worker id')}"
+
+    def lease(self, queue: str) -> str:
+        """Load lease of an adapter's queue: held by the worker that is loading it."""
+        return f"{self.namespace}:lease:{queue}"
+
+    @property
+    def adapters(self) -> str:
+        """Hash of adapter name -> its current ready version (what a bare name resolves to)."""
+        return f"{self.namespace}:adapters"
+
+    def adapter(self, name: str) -> str:
+        """Hash of one adapter's versions: version -> JSON record (state, reason, files, rank, ...)."""
+        return f"{self.namespace}:adapter:{check_adapter_name(name)}"
+
+    @property
+    def adapter_names(self) -> str:
+        """Set of every adapter name with a registry entry (pending, ready or rejected versions)."""
+        return f"{self.namespace}:adapter-names"
+
+    @property
+    def adapter_events(self) -> str:
+        """Stream of adapter events (fields `e` = ready|warm|removed, `n` = name, `v` = version)."""
+        return f"{self.namespace}:adapter-events"
+
+    @property
+    def control(self) -> str:
+        """Name of the RQ queue of control-plane jobs (validate, warm); RQ keeps it at ``rq:queue:<name>``."""
+        return f"{self.namespace}:control"

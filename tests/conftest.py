@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import redis
 from harness import RedisSource, isolated_url, resolve_source
+from store_harness import StoreBackend
 
 from lorafleet.worker.redis_server import RedisServer
 
@@ -66,3 +67,12 @@ def redis_server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[C
     yield factory
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(params=["local", "s3"])
+def store_backend(request: pytest.FixtureRequest, tmp_path) -> Iterator[StoreBackend]:
+    """An empty adapter store of each kind: a local folder, and a bucket on an S3 server (moto over
+    HTTP) of this test's own, so that the test may stop and restart it."""
+    backend = StoreBackend.make(request.param, tmp_path)
+    yield backend
+    backend.close()

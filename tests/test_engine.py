@@ -201,7 +201,7 @@ def test_stop_token_stop_string_and_max_tokens(models):
     by_text = engine.generate(
         [GenerationRequest(prompt_ids=[5, 6, 7], max_new_tokens=10, stop=[stop_text], ignore_eos=True)]
     )[0]
-    assert by_text.finish_reason == FinishReason.STOP
+    assert by_text.finish_reason == FinishReason.STOP_STRING
     assert stop_text not in by_text.text
     assert free.text.startswith(by_text.text)
 

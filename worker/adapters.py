@@ -60,6 +60,16 @@ class LoraAdapter:
         self.weights = {k: (a.pin_memory(), b.pin_memory()) for k, (a, b) in self.weights.items()}
         return self
 
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        """The weights under PEFT's tensor names (the same tensors, no copies)."""
+        tensors = {}
+        for (layer, target), (a, b) in self.weights.items():
+            block = "mlp" if target in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            prefix = f"base_model.model.model.layers.{layer}.{block}.{target}"
+            tensors[f"{prefix}.lora_A.weight"] = a
+            tensors[f"{prefix}.lora_B.weight"] = b
+        return tensors
+
 
 def read_adapter_dir(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Read a PEFT adapter directory: (adapter_config, tensors). Safetensors only, never pickles."""

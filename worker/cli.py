@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from lorafleet.worker.adapter_cli import register as register_adapter_commands
+
 
 def register(commands: argparse._SubParsersAction) -> None:
     """Add the worker-side subcommands to `commands`."""
@@ -20,6 +22,134 @@ def register(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--arch", default="llama", help="synthetic model family (llama, mistral, qwen2, qwen3)")
     demo.add_argument("--size", default="tiny", help="synthetic model size (tiny, small)")
     demo.set_defaults(func=_run_demo)
+    _register_worker(commands)
+    register_adapter_commands(commands)
+    status = commands.add_parser(
+        "status", help="print the fleet: workers, adapters, waiting jobs, dead letters"
+    )
+    status.add_argument("--redis-url", default=None, help="Redis URL (env LORAFLEET_REDIS_URL)")
+    status.add_argument("--namespace", default=None, help="key namespace (env LORAFLEET_NAMESPACE)")
+    status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    status.set_defaults(func=_run_status)
+    _register_top(commands)
+
+
+# Flags of `lorafleet worker`: (flag, WorkerConfig field, type, help). Each also reads LORAFLEET_<FIELD>.
+_WORKER_FLAGS: list[tuple[str, type, str]] = [
+    ("redis-url", str, "Redis URL (default redis://127.0.0.1:6379/0)"),
+    ("model", str, "base model: a Hugging Face model directory (required)"),
+    ("adapters", str, "adapter folder: one PEFT adapter per sub-folder, named by adapter id (required)"),
+    ("name", str, "worker id in the fleet directory (default host-pid-random)"),
+    ("device", str, "cpu or cuda[:N] (default cpu)"),
+    ("dtype", str, "auto, float32, float16 or bfloat16 (default auto: bf16 on cuda, fp32 on cpu)"),
+    ("max-loras", int, "adapter slots on the device (default 8)"),
+    ("max-rank", int, "largest adapter rank accepted (default 64)"),
+    ("max-batch", int, "sequences running at once (default 64)"),
+    ("kv-cache-tokens", int, "KV cache size in tokens (default 0: sized from free memory)"),
+    ("namespace", str, "Redis key namespace (default lorafleet)"),
+    ("visibility-timeout", float, "seconds before a silent worker's jobs are claimed by others (default 30)"),
+    ("max-deliveries", int, "deliveries before a job goes to the dead-letter stream (default 3)"),
+    ("drain-timeout", float, "on SIGTERM, seconds to finish in-flight jobs (default 30)"),
+    ("max-wait", float, "starvation bound of the scheduler in seconds (default 2)"),
+    ("metrics-port", int, "Prometheus metrics port, 0 = off (default 0)"),
+    ("log-level", str, "debug, info, warning or error (default info)"),
+]
+
+
+def _register_worker(commands: argparse._SubParsersAction) -> None:
+    worker = commands.add_parser(
+        "worker",
+        help="serve jobs from Redis with one base model and many adapters",
+        description="Serve jobs from Redis. Each flag also reads LORAFLEET_<FLAG>, e.g. LORAFLEET_MAX_LORAS.",
+    )
+    for flag, kind, text in _WORKER_FLAGS:
+        worker.add_argument(f"--{flag}", type=kind, default=None, help=text)
+    worker.add_argument("--max-idle", type=float, default=None, help="exit after this many idle seconds")
+    worker.set_defaults(func=_run_worker)
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    from lorafleet.worker.config import WorkerConfig
+    from lorafleet.worker.logs import configure_logging
+    from lorafleet.worker.service import Worker
+
+    overrides = {
+        flag.replace("-", "_"): getattr(args, flag.replace("-", "_")) for flag, _, _ in _WORKER_FLAGS
+    }
+    config = WorkerConfig.from_env(overrides)
+    configure_logging(config.log_level)
+    return Worker(config).run(max_idle=args.max_idle)
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    import redis
+
+    from lorafleet.producer.keys import Keys
+    from lorafleet.worker.fleet import fleet_status
+
+    url = args.redis_url or os.environ.get("LORAFLEET_REDIS_URL", "redis://127.0.0.1:6379/0")
+    keys = Keys(args.namespace or os.environ.get("LORAFLEET_NAMESPACE", "lorafleet"))
+    status = fleet_status(redis.Redis.from_url(url, protocol=2, socket_timeout=10), keys)
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(f"workers: {len(status['workers'])}   dead letters: {status['dead_letters']}")
+    for w in status["workers"]:
+        print(f"  {w['id']:<32} {w['device']:<8} running {w['running']:>4}  free {w['free_slots']:>4}  "
+              f"{w['tokens_per_s']:>8.1f} tok/s  resident: {', '.join(w['resident']) or '-'}"
+              f"{'  (draining)' if w['draining'] else ''}")  # fmt: skip
+    print("queues:")
+    for q in status["queues"]:
+        age = "-" if q["oldest_age_s"] is None else f"{q['oldest_age_s']:.1f}s"
+        print(f"  {q['queue']:<40} waiting {q['waiting']:>5}  running {q['running']:>4}  oldest {age:>8}  "
+              f"on {', '.join(q['resident_on']) or '-'}")  # fmt: skip
+    return 0
+
+
+def _register_top(commands: argparse._SubParsersAction) -> None:
+    top = commands.add_parser(
+        "top",
+        help="live view of the fleet: workers, queues, tokens/s, dead letters",
+        description="Redraw the fleet every --interval seconds until Ctrl-C; --once prints one frame.",
+    )
+    top.add_argument("--redis-url", default=None, help="Redis URL (env LORAFLEET_REDIS_URL)")
+    top.add_argument("--namespace", default=None, help="key namespace (env LORAFLEET_NAMESPACE)")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+    top.add_argument("--max-queues", type=int, default=30, help="most queues shown (default 30)")
+    top.set_defaults(func=_run_top)
+
+
+def _run_top(args: argparse.Namespace) -> int:
+    import os
+    import sys
+
+    import redis
+    from rich.console import Console
+
+    from lorafleet.producer.keys import Keys
+    from lorafleet.worker.fleet import fleet_status
+    from lorafleet.worker.top import redact_url, render, watch
+
+    if args.interval <= 0 or args.max_queues < 1:
+        print("lorafleet top: --interval must be > 0 and --max-queues >= 1", file=sys.stderr)
+        return 2
+    url = args.redis_url or os.environ.get("LORAFLEET_REDIS_URL", "redis://127.0.0.1:6379/0")
+    keys = Keys(args.namespace or os.environ.get("LORAFLEET_NAMESPACE", "lorafleet"))
+    client = redis.Redis.from_url(url, protocol=2, socket_timeout=10, socket_connect_timeout=5)
+    if not args.once:
+        watch(lambda: fleet_status(client, keys), args.interval, max_queues=args.max_queues)
+        return 0
+    try:
+        status = fleet_status(client, keys)
+    except redis.RedisError as exc:
+        print(f"error: Redis at {redact_url(url)}: {exc}", file=sys.stderr)
+        return 5
+    Console().print(render(status, args.max_queues))
+    return 0
 
 
 def _run_demo(args: argparse.Namespace) -> int:

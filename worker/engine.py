@@ -171,6 +171,15 @@ class Engine:
         if slot is not None and self._users.get(slot, 0) == 0:
             self._users.pop(slot, None)
 
+    def evict_adapter(self, name: str) -> bool:
+        """Free the device slot of `name` if no running sequence uses it; True if it was freed."""
+        slot = self._slot_of.get(name)
+        if slot is None or self._users.get(slot, 0) > 0:
+            return False
+        del self._slot_of[name]
+        self.stats["adapter_evictions"] += 1
+        return True
+
     @property
     def adapters(self) -> list[str]:
         """Names of the registered adapters."""
@@ -366,8 +375,10 @@ class Engine:
         req, token = seq.request, seq.output_ids[-1]
         eos = not req.ignore_eos and token in self.model.spec.eos_token_ids
         stop_token = eos or token in req.stop_token_ids
-        if stop_token or (req.stop and self.tokenizer is not None and self._hit_stop_string(seq)):
+        if stop_token:
             seq.finish_reason = FinishReason.STOP
+        elif req.stop and self.tokenizer is not None and self._hit_stop_string(seq):
+            seq.finish_reason = FinishReason.STOP_STRING
         elif len(seq.output_ids) >= req.max_new_tokens or seq.length >= self.max_model_len:
             seq.finish_reason = FinishReason.LENGTH
 

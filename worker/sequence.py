@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 class FinishReason(enum.StrEnum):
     """Why a sequence stopped."""
 
-    STOP = "stop"  # eos, a stop token id or a stop string
+    STOP = "stop"  # eos or a stop token id (kept in the tokens)
+    STOP_STRING = "stop_string"  # the text reached a stop string (cut before it)
     LENGTH = "length"  # max_new_tokens, or the model's context is full
     ABORTED = "aborted"  # abort() was called (cancel, deadline, drain)
 

@@ -1,0 +1,223 @@
+"""`lorafleet worker` processes against a real Redis: answers, crashes, drains, bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import redis
+import torch
+
+from lorafleet.producer import Chunk, ErrorCode, JobFailed, Keys, Producer, Result
+from lorafleet.worker import synthetic
+from lorafleet.worker.engine import Engine
+from lorafleet.worker.sequence import GenerationRequest
+
+ADAPTERS = [f"team-{i}" for i in range(5)]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A tiny model and a folder of adapters (more adapters than the workers' slots)."""
+    root = tmp_path_factory.mktemp("store")
+    model = synthetic.write_model(root / "model", "llama", "tiny", seed=11)
+    adapters = root / "adapters"
+    for i, name in enumerate(ADAPTERS):
+        synthetic.write_adapter(adapters / name, model, rank=2 + 2 * i, targets=synthetic.ALL_TARGETS, seed=i)
+    return model, adapters
+
+
+def start_worker(store, redis_url, name, *extra):
+    model, adapters = store
+    args = [
+        sys.executable, "-m", "lorafleet.producer.cli", "worker", "--redis-url", redis_url,
+        "--model", str(model),
+        "--adapters", str(adapters), "--name", name, "--max-loras", "2", "--max-batch", "6",
+        "--kv-cache-tokens", "4096", "--visibility-timeout", "2", "--drain-timeout", "20", *extra,
+    ]  # fmt: skip
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=None, env={**os.environ})
+
+
+@pytest.fixture
+def workers(store, redis_url):
+    started: list[subprocess.Popen] = []
+
+    def start(name, *extra):
+        proc = start_worker(store, redis_url, name, *extra)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def expected_tokens(store, prompt_ids, adapter, max_new_tokens):
+    model, adapters = store
+    engine = Engine.from_pretrained(model, max_loras=1, max_rank=16, device="cpu", dtype=torch.float32)
+    if adapter is not None:
+        engine.add_adapter(adapter, adapters / adapter)
+    request = GenerationRequest(prompt_ids=prompt_ids, adapter=adapter, max_new_tokens=max_new_tokens)
+    return engine.generate([request])[0].token_ids
+
+
+def test_jobs_over_more_adapters_than_slots_are_all_answered_correctly(store, redis_url, workers):
+    workers("w1")
+    specs = [
+        dict(
+            prompt_ids=[5 + i, 9, 13, 2 + i],
+            adapter=[None, *ADAPTERS][i % 6],
+            max_new_tokens=6,
+            temperature=0.0,
+        )
+        for i in range(18)
+    ]
+    with Producer(redis_url) as producer:
+        handles = producer.submit_many(specs)
+        results = [h.result(timeout=120) for h in handles]
+    for spec, result in zip(specs, results, strict=True):
+        assert isinstance(result, Result)
+        assert list(result.token_ids) == expected_tokens(store, spec["prompt_ids"], spec["adapter"], 6)
+        assert result.worker == "w1"
+        assert result.usage.completion_tokens == len(result.token_ids)
+
+
+def test_text_prompts_chat_messages_and_streaming(store, redis_url, workers):
+    workers("w1")
+    with Producer(redis_url) as producer:
+        text = producer.submit("the quick brown fox", adapter="team-1", max_new_tokens=5, temperature=0.0)
+        chat = producer.submit(
+            messages=[{"role": "user", "content": "hello"}], max_new_tokens=4, temperature=0
+        )
+        streamed = producer.submit(prompt_ids=[5, 6, 7], max_new_tokens=8, temperature=0.0, stream=True,
+                                   ignore_eos=True)  # fmt: skip
+        items = list(streamed.stream(timeout=120))
+        assert text.result(timeout=120).usage.completion_tokens >= 1
+        assert chat.result(timeout=120).usage.prompt_tokens > 3
+    chunks = [i for i in items if isinstance(i, Chunk)]
+    final = items[-1]
+    assert isinstance(final, Result)
+    assert len(chunks) >= 1
+    streamed_ids = [t for c in chunks for t in c.token_ids]
+    streamed_text = "".join(c.text for c in chunks)
+    assert streamed_ids == list(final.token_ids)[: len(streamed_ids)]
+    assert streamed_text == final.text[: len(streamed_text)]
+
+
+def test_sigkill_mid_generation_every_job_answered_exactly_once(store, redis_url, workers):
+    first = workers("doomed")
+    specs = [dict(prompt_ids=[7, 8, i + 3], adapter=ADAPTERS[i % 3], max_new_tokens=120, ignore_eos=True,
+                  temperature=0.0, stream=True) for i in range(4)]  # fmt: skip
+    with Producer(redis_url) as producer:
+        handles = producer.submit_many(specs)
+        stream = handles[0].stream(timeout=120)
+        assert isinstance(next(stream), Chunk)  # generation is under way on the doomed worker
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        workers("rescuer")
+        results = {}
+        for handle in handles:
+            final = [x for x in handle.stream(timeout=180) if isinstance(x, Result)]
+            results[handle.id] = final
+    assert all(len(final) == 1 for final in results.values())
+    assert {final[0].worker for final in results.values()} == {"rescuer"}
+    assert all(len(final[0].token_ids) == 120 for final in results.values())
+
+
+def test_sigterm_drains_in_flight_jobs(store, redis_url, workers):
+    worker = workers("drainer")
+    with Producer(redis_url) as producer:
+        handles = producer.submit_many(
+            [dict(prompt_ids=[4, 5, i + 3], max_new_tokens=60, ignore_eos=True, temperature=0.0, stream=True)
+             for i in range(3)]
+        )  # fmt: skip
+        assert isinstance(next(handles[0].stream(timeout=120)), Chunk)
+        worker.send_signal(signal.SIGTERM)
+        results = [h.result(timeout=60) for h in handles]
+        assert worker.wait(timeout=60) == 0
+    assert all(r.worker == "drainer" and len(r.token_ids) == 60 for r in results)
+    keys = Keys()
+    client = redis.Redis.from_url(redis_url, protocol=2)
+    assert not client.exists(keys.worker("drainer"))  # left the fleet directory
+
+
+def test_bad_input_gets_error_replies_and_the_worker_goes_on(store, redis_url, workers):
+    keys = Keys()
+    client = redis.Redis.from_url(redis_url, protocol=2)
+    with Producer(redis_url) as producer:
+        expired = producer.submit(prompt_ids=[5, 6], max_new_tokens=3, timeout=0.2)
+        time.sleep(0.3)  # its deadline passes before any worker runs
+        workers("sturdy")
+        unknown = producer.submit(prompt_ids=[5, 6], adapter="no-such-adapter", max_new_tokens=3)
+        too_long = producer.submit(prompt_ids=[5] * 600, max_new_tokens=3)
+        # Undecodable bytes straight onto a job stream: nobody to answer, so a dead letter.
+        stream = keys.jobs(None)
+        client.xadd(stream, {"j": b"\xc1not msgpack"})
+        client.zadd(keys.waiting, {"~base": 1}, nx=True)
+        client.xadd(keys.wake, {"q": "~base"})
+        for handle, code in [(unknown, ErrorCode.ADAPTER_NOT_FOUND), (too_long, ErrorCode.PROMPT_TOO_LONG),
+                             (expired, ErrorCode.DEADLINE_EXCEEDED)]:  # fmt: skip
+            with pytest.raises(JobFailed) as failure:
+                handle.result(timeout=60)
+            assert failure.value.code == code
+        good = producer.submit(prompt_ids=[5, 6, 7], max_new_tokens=4, temperature=0.0)
+        assert isinstance(good.result(timeout=60), Result)
+    deadline = time.time() + 10
+    while client.xlen(keys.dead) == 0 and time.time() < deadline:
+        time.sleep(0.1)
+    dead = client.xrange(keys.dead)
+    assert len(dead) == 1
+    assert dead[0][1][b"j"] == b"\xc1not msgpack"
+
+
+def test_cancel_stops_a_running_job(store, redis_url, workers):
+    workers("w1")
+    with Producer(redis_url) as producer:
+        handle = producer.submit(prompt_ids=[5, 6, 7], max_new_tokens=2000, ignore_eos=True, stream=True,
+                                 temperature=0.0)  # fmt: skip
+        stream = handle.stream(timeout=120)
+        assert isinstance(next(stream), Chunk)
+        handle.cancel()
+        with pytest.raises(JobFailed) as failure:
+            for _ in stream:
+                pass
+        assert failure.value.code == ErrorCode.CANCELLED
+
+
+def test_status_shows_the_fleet(store, redis_url, workers):
+    workers("observed")
+    with Producer(redis_url) as producer:
+        producer.submit(prompt_ids=[5, 6], adapter="team-2", max_new_tokens=3).result(timeout=120)
+    time.sleep(1.5)  # one heartbeat after the job
+    out = subprocess.run(
+        [sys.executable, "-m", "lorafleet.producer.cli", "status", "--redis-url", redis_url],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "observed" in out.stdout
+    assert "team-2" in out.stdout
+
+
+def test_a_job_delivered_too_often_goes_to_the_dead_letter_stream_with_an_error_reply(
+    store, redis_url, workers
+):
+    keys = Keys()
+    client = redis.Redis.from_url(redis_url, protocol=2)
+    with Producer(redis_url) as producer:
+        handle = producer.submit(prompt_ids=[5, 6], adapter="team-0", max_new_tokens=3)
+        # A worker that took the job and died without a trace: delivered once, never acknowledged.
+        stream = keys.jobs("team-0")
+        client.xreadgroup(keys.group, "vanished", {stream: ">"}, count=1)
+        workers("judge", "--max-deliveries", "1")
+        with pytest.raises(JobFailed) as failure:
+            handle.result(timeout=60)
+    assert failure.value.code == ErrorCode.WORKER_ERROR
+    assert "delivered 2 times" in str(failure.value)
+    dead = client.xrange(keys.dead)
+    assert len(dead) == 1
+    assert client.xpending(stream, keys.group)["pending"] == 0  # acknowledged, not left pending

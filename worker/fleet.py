@@ -1,0 +1,142 @@
+"""The fleet directory in Redis: each worker's heartbeat entry, load leases, and the fleet's status.
+
+Each worker keeps `{ns}:worker:{id}` (a hash with a TTL) and its score in `{ns}:workers` fresh every
+heartbeat; a worker that stops heartbeating disappears when its hash expires. Readers skip ids whose
+hash is gone and prune them from the sorted set.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from lorafleet.producer.keys import Keys, adapter_of_queue
+
+
+@dataclass
+class WorkerEntry:
+    """One worker as the directory shows it."""
+
+    id: str
+    device: str = ""
+    host: str = ""
+    pid: int = 0
+    started_at: float = 0.0
+    heartbeat: float = 0.0
+    free_slots: int = 0
+    running: int = 0
+    resident: list[str] = field(default_factory=list)  # queue names
+    tokens_per_s: float = 0.0
+    draining: bool = False
+
+    def to_hash(self) -> dict[str, str]:
+        return {
+            "id": self.id, "device": self.device, "host": self.host, "pid": str(self.pid),
+            "started_at": f"{self.started_at:.3f}", "heartbeat": f"{self.heartbeat:.3f}",
+            "free_slots": str(self.free_slots), "running": str(self.running),
+            "resident": json.dumps(self.resident), "tokens_per_s": f"{self.tokens_per_s:.1f}",
+            "draining": "1" if self.draining else "0",
+        }  # fmt: skip
+
+    @classmethod
+    def from_hash(cls, raw: dict[bytes, bytes]) -> WorkerEntry:
+        h = {k.decode(): v.decode() for k, v in raw.items()}
+        return cls(
+            id=h.get("id", ""), device=h.get("device", ""), host=h.get("host", ""), pid=int(h.get("pid", 0)),
+            started_at=float(h.get("started_at", 0)), heartbeat=float(h.get("heartbeat", 0)),
+            free_slots=int(h.get("free_slots", 0)), running=int(h.get("running", 0)),
+            resident=json.loads(h.get("resident", "[]")), tokens_per_s=float(h.get("tokens_per_s", 0)),
+            draining=h.get("draining") == "1",
+        )  # fmt: skip
+
+
+def publish(r: redis.Redis, keys: Keys, entry: WorkerEntry, ttl: float) -> None:
+    """Write a worker's entry and heartbeat (one round trip)."""
+    pipe = r.pipeline(transaction=True)
+    pipe.hset(keys.worker(entry.id), mapping=entry.to_hash())  # type: ignore[arg-type]
+    pipe.pexpire(keys.worker(entry.id), int(ttl * 1000))
+    pipe.zadd(keys.workers, {entry.id: entry.heartbeat})
+    pipe.execute()
+
+
+def withdraw(r: redis.Redis, keys: Keys, worker_id: str) -> None:
+    """Remove a worker from the directory (clean shutdown)."""
+    pipe = r.pipeline(transaction=True)
+    pipe.delete(keys.worker(worker_id))
+    pipe.zrem(keys.workers, worker_id)
+    pipe.execute()
+
+
+def live_workers(r: redis.Redis, keys: Keys) -> list[WorkerEntry]:
+    """Every worker whose entry has not expired; expired ids are pruned from `{ns}:workers`."""
+    ids = [i.decode() for i in r.zrange(keys.workers, 0, -1)]  # type: ignore[union-attr]
+    if not ids:
+        return []
+    pipe = r.pipeline(transaction=False)
+    for worker_id in ids:
+        pipe.hgetall(keys.worker(worker_id))
+    entries, gone = [], []
+    for worker_id, raw in zip(ids, pipe.execute(), strict=True):
+        if raw:
+            entries.append(WorkerEntry.from_hash(raw))
+        else:
+            gone.append(worker_id)
+    if gone:
+        r.zrem(keys.workers, *gone)
+    return entries
+
+
+def take_lease(r: redis.Redis, keys: Keys, queue: str, worker_id: str, ttl: float) -> bool:
+    """Take the load lease of a queue's adapter; True if this worker holds it now."""
+    if r.set(keys.lease(queue), worker_id, nx=True, px=max(1, int(ttl * 1000))):
+        return True
+    holder = r.get(keys.lease(queue))
+    return holder is not None and holder.decode() == worker_id  # type: ignore[union-attr]
+
+
+def leases(r: redis.Redis, keys: Keys, queues: list[str]) -> dict[str, str]:
+    """Live leases among `queues`: queue -> worker id."""
+    if not queues:
+        return {}
+    values = r.mget([keys.lease(q) for q in queues])
+    return {q: _text(v) for q, v in zip(queues, values, strict=True) if v is not None}
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def fleet_status(r: redis.Redis, keys: Keys) -> dict[str, Any]:
+    """Workers, waiting jobs per queue (count and oldest age), and dead letters, for `lorafleet status`."""
+    now = time.time()
+    workers = live_workers(r, keys)
+    queues = sorted(q.decode() for q in r.smembers(keys.queues))  # type: ignore[union-attr]
+    waiting_scores = dict(r.zrange(keys.waiting, 0, -1, withscores=True))  # type: ignore[arg-type]
+    pipe = r.pipeline(transaction=False)
+    for queue in queues:
+        pipe.xlen(keys.jobs_of_queue(queue))
+        pipe.xpending(keys.jobs_of_queue(queue), keys.group)
+    replies = pipe.execute(raise_on_error=False)
+    rows = []
+    for i, queue in enumerate(queues):
+        length, pending = replies[2 * i], replies[2 * i + 1]
+        pending_count = pending["pending"] if isinstance(pending, dict) else 0
+        score = waiting_scores.get(queue.encode())
+        rows.append({
+            "queue": queue,
+            "adapter": adapter_of_queue(queue),
+            "waiting": max(0, int(length) - int(pending_count)) if isinstance(length, int) else 0,
+            "running": int(pending_count),
+            "oldest_age_s": round(now - score / 1000.0, 3) if score is not None else None,
+            "resident_on": [w.id for w in workers if queue in w.resident],
+        })  # fmt: skip
+    return {
+        "time": now,
+        "workers": [w.__dict__ for w in workers],
+        "queues": rows,
+        "dead_letters": int(r.xlen(keys.dead)),
+    }

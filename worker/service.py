@@ -1,0 +1,453 @@
+"""The worker: the engine behind the queue.
+
+    Worker(config).run()
+
+Every turn of the loop: housekeeping (heartbeat, claim refresh, recovery of jobs left by dead workers,
+cancel and deadline checks), then admission (the scheduler's plan says which queues to read and how
+many jobs: resident adapters first), then one engine step whose outputs become streamed chunks and
+final replies. An idle worker blocks on the wake stream. SIGTERM drains: no more pulls, in-flight
+jobs finish within the drain timeout, the rest are handed back for other workers to claim at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+import structlog
+
+from lorafleet.producer.consumer import (
+    Delivery,
+    dead_letter,
+    publish_chunk,
+    publish_final,
+    read_jobs,
+    reject,
+    wait_for_work,
+    waiting_queues,
+    wake_position,
+)
+from lorafleet.producer.errors import ProtocolError
+from lorafleet.producer.keys import Keys, adapter_of_queue, queue_name
+from lorafleet.producer.protocol import (
+    Chunk,
+    ErrorCode,
+    ErrorReply,
+    Job,
+    Reply,
+    Result,
+    Timings,
+    Usage,
+    decode_job,
+)
+from lorafleet.worker import fleet
+from lorafleet.worker.adapters import AdapterError
+from lorafleet.worker.config import WorkerConfig
+from lorafleet.worker.engine import Engine, PromptTooLong
+from lorafleet.worker.metrics import Metrics
+from lorafleet.worker.recovery import claim_stale, refresh_claims, release
+from lorafleet.worker.scheduler import (
+    AdapterQueue,
+    FleetView,
+    LocalState,
+    ResidentAdapter,
+    Scheduler,
+    SchedulerConfig,
+)
+from lorafleet.worker.sequence import FinishReason, GenerationRequest, StepOutput
+
+log = structlog.get_logger("lorafleet.worker")
+
+
+class JobFailed(Exception):
+    """A job that gets an error reply instead of running; carries the protocol error code."""
+
+    def __init__(self, code: ErrorCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class RunningJob:
+    """A job the engine is running, and what its replies need."""
+
+    delivery: Delivery
+    job: Job
+    received_at: float
+    adapter_load: float
+    first_token_at: float | None = None
+    chunk_seq: int = 0
+    sent_text: str = ""
+    abort_code: ErrorCode | None = None  # why it was aborted: cancelled, deadline; None = hand back
+    token_ids: list[int] = field(default_factory=list)
+
+
+class Worker:
+    """One worker process: pulls jobs from Redis, runs them through the engine, publishes replies."""
+
+    def __init__(self, config: WorkerConfig, engine: Engine | None = None, client: redis.Redis | None = None):
+        self.config = config
+        self.keys = Keys(config.namespace)
+        # socket_timeout above the longest blocking read; RESP2 pinned so reply shapes are known.
+        self.redis = client or redis.Redis.from_url(
+            config.redis_url, protocol=2, socket_timeout=config.idle_block + 10, health_check_interval=30
+        )
+        self.engine = engine or Engine.from_pretrained(
+            config.model, max_loras=config.max_loras, max_rank=config.max_rank, device=config.device,
+            dtype=config.torch_dtype, max_batch=config.max_batch,
+            kv_cache_tokens=config.kv_cache_tokens or None,
+        )  # fmt: skip
+        self.scheduler = Scheduler(config.name, SchedulerConfig(max_wait=config.max_wait))
+        self.metrics = Metrics(config.metrics_port)
+        self.running: dict[str, RunningJob] = {}  # request id (= stream entry) -> job
+        self.resident: dict[str, ResidentAdapter] = {}
+        self.draining = False
+        self._drain_deadline = 0.0
+        self._started = time.time()
+        self._next = {"heartbeat": 0.0, "claims": 0.0, "recover": 0.0, "fleet": 0.0}
+        self._fleet_view = FleetView(resident={}, leases={}, free_slots={})
+        self._tokens_window: list[tuple[float, int]] = []
+        self.log = log.bind(worker=config.name)
+
+    # ----- the loop -----
+
+    def run(self, max_idle: float | None = None) -> int:
+        """Serve until SIGTERM/SIGINT (drain) or, with `max_idle`, until idle that long; exit status."""
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        self.log.info("worker started", device=self.config.device, kv_tokens=self.engine.kv_cache_info.tokens)
+        idle_since = time.monotonic()
+        while True:
+            try:
+                busy = self.turn()
+            except redis.ConnectionError as exc:  # Redis went away: keep the engine, retry
+                self.log.warning("redis unavailable", error=str(exc))
+                time.sleep(1.0)
+                continue
+            except Exception:  # a bug must not take the worker (and its running jobs) down
+                self.log.exception("worker turn failed")
+                time.sleep(0.5)
+                continue
+            if busy:
+                idle_since = time.monotonic()
+            elif self.draining or (max_idle is not None and time.monotonic() - idle_since > max_idle):
+                break
+        self._shutdown()
+        return 0
+
+    def turn(self) -> bool:
+        """One loop turn: housekeeping, admission, one engine step (or a blocking wait). True if busy."""
+        now = time.time()
+        self._housekeeping(now)
+        position = (
+            None if self.engine.has_unfinished() or self.draining else wake_position(self.redis, self.keys)
+        )
+        took = False if self.draining else self._admit(now)
+        if self.engine.has_unfinished():
+            self._step()
+            return True
+        if position is not None and not took:
+            wait_for_work(self.redis, self.keys, position, block=self.config.idle_block)
+        return took
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        if not self.draining:
+            self.draining = True
+            self._drain_deadline = time.time() + self.config.drain_timeout
+            self.log.info("draining", signal=signal.Signals(signum).name, running=len(self.running))
+
+    # ----- admission -----
+
+    def _admit(self, now: float) -> bool:
+        free = self.config.max_batch - self.engine.num_running - self.engine.num_waiting
+        if free <= 0:
+            return False
+        waiting = waiting_queues(self.redis, self.keys)
+        if not waiting:
+            return False
+        pipe = self.redis.pipeline(transaction=False)
+        for queue, _ in waiting:
+            pipe.xlen(self.keys.jobs_of_queue(queue))
+        lengths = pipe.execute()
+        queues = [
+            AdapterQueue(adapter_of_queue(q), oldest, max(1, int(n) - self._running_on(q)))
+            for (q, oldest), n in zip(waiting, lengths, strict=True)
+        ]
+        local = LocalState(free_slots=free, adapter_slots=self.config.max_loras, adapters=dict(self.resident))
+        held = fleet.leases(self.redis, self.keys, [q for q, _ in waiting])
+        view = FleetView(
+            resident=self._fleet_view.resident,
+            leases={adapter_of_queue(q) or "": w for q, w in held.items()},
+            free_slots=self._fleet_view.free_slots,
+        )
+        plan = self.scheduler.plan(now, local, queues, view)
+        took = False
+        for admission in plan.admissions:
+            queue = queue_name(admission.adapter)
+            if admission.load and not fleet.take_lease(self.redis, self.keys, queue, self.config.name, 2.0):
+                continue
+            if admission.evict is not None:
+                self.engine.evict_adapter(admission.evict)
+                self.resident.pop(admission.evict, None)
+            for delivery in read_jobs(
+                self.redis, self.keys, [queue], self.config.name, count=admission.max_jobs
+            ):
+                self.accept(delivery, now)
+                took = True
+        return took
+
+    def _running_on(self, queue: str) -> int:
+        return sum(1 for j in self.running.values() if j.delivery.queue == queue)
+
+    def accept(self, delivery: Delivery, now: float) -> None:
+        """Decode a delivered job and start it, or answer it with an error; never raises."""
+        try:
+            job = decode_job(delivery.payload, self.keys)
+        except ProtocolError as exc:
+            self.metrics.errors.labels(code=exc.code).inc()
+            reject(self.redis, self.keys, delivery, exc, worker=self.config.name)
+            return
+        try:
+            self._start(delivery, job, now)
+        except JobFailed as exc:
+            self._fail(delivery, job, exc.code, str(exc))
+        except Exception as exc:  # a bug or a broken adapter file must not take the worker down
+            self.log.exception("job failed to start", job=job.id)
+            self._fail(delivery, job, ErrorCode.WORKER_ERROR, f"{type(exc).__name__}: {exc}")
+
+    def _start(self, delivery: Delivery, job: Job, now: float) -> None:
+        if self.redis.exists(self.keys.cancel(job.id)):
+            raise JobFailed(ErrorCode.CANCELLED, "cancelled before it started")
+        if job.deadline is not None and job.deadline <= now:
+            raise JobFailed(ErrorCode.DEADLINE_EXCEEDED, "the deadline passed before the job started")
+        load_started = time.perf_counter()
+        if job.adapter is not None:
+            self._ensure_adapter(job.adapter)
+        sampling = job.sampling
+        try:
+            request = GenerationRequest(
+                prompt_ids=self._prompt_ids(job), adapter=job.adapter,
+                max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                top_p=sampling.top_p, top_k=sampling.top_k, seed=sampling.seed,
+                stop=list(sampling.stop), stop_token_ids=list(sampling.stop_token_ids),
+                ignore_eos=sampling.ignore_eos, request_id=delivery.entry_id + "/" + job.id,
+            )  # fmt: skip
+            rid = self.engine.add_request(request)
+        except PromptTooLong as exc:
+            raise JobFailed(ErrorCode.PROMPT_TOO_LONG, str(exc)) from exc
+        except ValueError as exc:
+            raise JobFailed(ErrorCode.INVALID_REQUEST, str(exc)) from exc
+        adapter_load = time.perf_counter() - load_started
+        self.running[rid] = RunningJob(delivery, job, now, adapter_load)
+        if job.adapter is not None:
+            entry = self.resident.setdefault(job.adapter, ResidentAdapter(0, now, now))
+            entry.running += 1
+            entry.last_used = now
+        self.metrics.queue_wait.observe(max(0.0, now - delivery.enqueued_at))
+        self.log.debug("job started", job=job.id, adapter=job.adapter)
+
+    def _ensure_adapter(self, name: str) -> None:
+        if name in self.engine.adapters:
+            self.metrics.adapter_hits.labels(adapter=name).inc()
+            return
+        path = Path(self.config.adapters) / name
+        if not path.is_dir():
+            raise JobFailed(ErrorCode.ADAPTER_NOT_FOUND, f"no adapter {name!r} in the adapter store")
+        try:
+            self.engine.add_adapter(name, path)
+        except AdapterError as exc:
+            raise JobFailed(ErrorCode.ADAPTER_INVALID, str(exc)) from exc
+        self.metrics.adapter_loads.labels(adapter=name).inc()
+
+    def _prompt_ids(self, job: Job) -> list[int]:
+        if job.prompt_ids is not None:
+            return list(job.prompt_ids)
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise JobFailed(ErrorCode.INVALID_REQUEST, "this model has no tokenizer: send prompt_ids")
+        if job.prompt is not None:
+            return list(tokenizer(job.prompt).input_ids)
+        messages = [{"role": m.role, "content": m.content} for m in job.messages or ()]
+        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(tokenizer(rendered, add_special_tokens=False).input_ids)
+
+    def _fail(self, delivery: Delivery, job: Job, code: ErrorCode, message: str) -> None:
+        self.metrics.errors.labels(code=str(code)).inc()
+        reply = ErrorReply.of(job.id, code, message, worker=self.config.name, metadata=job.metadata)
+        self._final(delivery, job, reply)
+
+    def _final(self, delivery: Delivery, job: Job, reply: Reply) -> None:
+        publish_final(
+            self.redis,
+            delivery.stream,
+            delivery.entry_id,
+            reply,
+            reply_to=job.reply_to,
+            reply_ttl=job.reply_ttl,
+        )
+
+    # ----- the engine step -----
+
+    def _step(self) -> None:
+        started = time.perf_counter()
+        outputs = self.engine.step()
+        self.metrics.step_seconds.observe(time.perf_counter() - started)
+        self.metrics.batch_size.observe(self.engine.num_running)
+        now = time.time()
+        tokens = 0
+        for output in outputs:
+            job = self.running.get(output.request_id)
+            if job is None:
+                continue
+            tokens += len(output.new_token_ids)
+            self._on_tokens(job, output, now)
+            if output.finished:
+                self._finish(output.request_id, job, now)
+        self._tokens_window.append((now, tokens))
+
+    def _on_tokens(self, job: RunningJob, output: StepOutput, now: float) -> None:
+        if not output.new_token_ids:
+            return
+        if job.first_token_at is None:
+            job.first_token_at = now
+            self.metrics.ttft.observe(now - job.delivery.enqueued_at)
+        job.token_ids.extend(output.new_token_ids)
+        if job.job.stream and not output.finished:
+            text = self._decode(job.token_ids)
+            delta, job.sent_text = text[len(job.sent_text) :], text
+            chunk = Chunk(job.job.id, job.chunk_seq, tuple(output.new_token_ids), delta)
+            publish_chunk(self.redis, chunk, reply_to=job.job.reply_to, reply_ttl=job.job.reply_ttl)
+            job.chunk_seq += 1
+
+    def _decode(self, token_ids: list[int]) -> str:
+        tokenizer = self.engine.tokenizer
+        return "" if tokenizer is None else str(tokenizer.decode(token_ids, skip_special_tokens=True))
+
+    def _finish(self, request_id: str, job: RunningJob, now: float) -> None:
+        del self.running[request_id]
+        out = self.engine.pop_output(request_id)
+        if job.job.adapter is not None and job.job.adapter in self.resident:
+            self.resident[job.job.adapter].running -= 1
+            self.resident[job.job.adapter].last_used = now
+        if out.finish_reason == FinishReason.ABORTED:
+            if job.abort_code is None:  # handed back by a drain: another worker runs it
+                release(self.redis, self.keys, job.delivery, self.config.visibility_timeout)
+            else:
+                self._fail(job.delivery, job.job, job.abort_code, f"{job.abort_code.value} while running")
+            return
+        first = job.first_token_at or now
+        reply = Result(
+            id=job.job.id, text=out.text or "", token_ids=tuple(out.token_ids),
+            finish_reason=str(out.finish_reason),
+            usage=Usage(out.prompt_tokens, len(out.token_ids)),
+            timings=Timings(queue_wait=max(0.0, job.received_at - job.delivery.enqueued_at),
+                            adapter_load=job.adapter_load, prefill=max(0.0, first - job.received_at),
+                            decode=max(0.0, now - first)),
+            worker=self.config.name, metadata=job.job.metadata,
+        )  # fmt: skip
+        self._final(job.delivery, job.job, reply)
+        self.metrics.jobs.labels(adapter=job.job.adapter or "").inc()
+
+    # ----- housekeeping -----
+
+    def _housekeeping(self, now: float) -> None:
+        self._check_cancel_and_deadlines(now)
+        if self.draining and now > self._drain_deadline:
+            for rid, job in self.running.items():
+                if job.abort_code is None:
+                    self.engine.abort(rid)
+        if now >= self._next["heartbeat"]:
+            self._next["heartbeat"] = now + self.config.heartbeat_interval
+            self._heartbeat(now)
+        if now >= self._next["claims"]:
+            self._next["claims"] = now + self.config.visibility_timeout / 3
+            refresh_claims(
+                self.redis, self.keys, self.config.name, [j.delivery for j in self.running.values()]
+            )
+        if not self.draining and now >= self._next["recover"]:
+            self._next["recover"] = now + max(0.5, self.config.visibility_timeout / 4)
+            self._recover(now)
+
+    def _check_cancel_and_deadlines(self, now: float) -> None:
+        if not self.running:
+            return
+        jobs = list(self.running.items())
+        cancelled = self.redis.mget([self.keys.cancel(j.job.id) for _, j in jobs])
+        for (rid, job), marker in zip(jobs, cancelled, strict=True):
+            if job.abort_code is not None:
+                continue
+            if marker is not None:
+                job.abort_code = ErrorCode.CANCELLED
+            elif job.job.deadline is not None and job.job.deadline <= now:
+                job.abort_code = ErrorCode.DEADLINE_EXCEEDED
+            if job.abort_code is not None:
+                self.engine.abort(rid)
+
+    def _recover(self, now: float) -> None:
+        free = self.config.max_batch - self.engine.num_running - self.engine.num_waiting
+        if free <= 0:
+            return
+        for delivery, deliveries in claim_stale(
+            self.redis, self.keys, self.config.name, self.config.visibility_timeout, free
+        ):
+            self.metrics.redeliveries.inc()
+            if deliveries > self.config.max_deliveries:
+                self._dead_letter(delivery, deliveries)
+            else:
+                self.accept(delivery, now)
+
+    def _dead_letter(self, delivery: Delivery, deliveries: int) -> None:
+        reason = f"delivered {deliveries} times (max_deliveries {self.config.max_deliveries})"
+        self.metrics.dead_letters.inc()
+        try:
+            job = decode_job(delivery.payload, self.keys)
+        except ProtocolError:
+            dead_letter(self.redis, self.keys, delivery, reason, deliveries=deliveries)
+            return
+        reply = ErrorReply.of(
+            job.id, ErrorCode.WORKER_ERROR, reason, retryable=False, worker=self.config.name
+        )
+        dead_letter(
+            self.redis, self.keys, delivery, reason, deliveries=deliveries, reply=reply,
+            reply_to=job.reply_to, reply_ttl=job.reply_ttl,
+        )  # fmt: skip
+        self.log.warning("dead-lettered", job=job.id, deliveries=deliveries)
+
+    def _heartbeat(self, now: float) -> None:
+        horizon = now - 10.0
+        self._tokens_window = [(t, n) for t, n in self._tokens_window if t >= horizon]
+        tokens_per_s = sum(n for _, n in self._tokens_window) / 10.0
+        self.metrics.set_residency(self.engine.resident_adapters)
+        entry = fleet.WorkerEntry(
+            id=self.config.name, device=self.config.device, host=socket.gethostname(), pid=os.getpid(),
+            started_at=self._started, heartbeat=now, running=len(self.running),
+            free_slots=self.config.max_batch - self.engine.num_running,
+            resident=[queue_name(a) for a in self.engine.resident_adapters], tokens_per_s=tokens_per_s,
+            draining=self.draining,
+        )  # fmt: skip
+        fleet.publish(self.redis, self.keys, entry, self.config.heartbeat_ttl)
+        workers = fleet.live_workers(self.redis, self.keys)
+        resident: dict[str, set[str]] = {}
+        for worker in workers:
+            for queue in worker.resident:
+                adapter = adapter_of_queue(queue)
+                if adapter is not None:
+                    resident.setdefault(adapter, set()).add(worker.id)
+        self._fleet_view = FleetView(
+            resident={a: frozenset(ids) for a, ids in resident.items()},
+            leases={},
+            free_slots={w.id: w.free_slots for w in workers},
+        )
+
+    def _shutdown(self) -> None:
+        for job in self.running.values():  # left over after a drain timeout: hand back
+            release(self.redis, self.keys, job.delivery, self.config.visibility_timeout)
+        self.running.clear()
+        fleet.withdraw(self.redis, self.keys, self.config.name)
+        self.log.info("worker stopped")
