@@ -16,7 +16,12 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def git_revision() -> str:
-    """Short git revision of the checkout, with '+dirty' when it has uncommitted changes."""
+    """Short git revision of the checkout, with '+dirty' when it has uncommitted changes.
+
+    A copy of the tree without its .git (a GPU machine's) names its revision in LORAFLEET_GIT_REVISION.
+    """
+    if os.environ.get("LORAFLEET_GIT_REVISION"):
+        return os.environ["LORAFLEET_GIT_REVISION"]
     root = Path(__file__).resolve().parent.parent
     try:
         rev = subprocess.run(

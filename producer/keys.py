@@ -152,6 +152,11 @@ class Keys:
         """Name of the consumer group on every job stream."""
         return self.GROUP
 
+    @property
+    def pattern(self) -> str:
+        """SCAN pattern of every key of this namespace (a namespace holds no glob characters)."""
+        return f"{self.namespace}:*"
+
     def jobs(self, adapter: str | None) -> str:
         """Job stream of an adapter id (None or '' for the base model)."""
         return f"{self.namespace}:jobs:{queue_name(adapter)}"

@@ -39,7 +39,8 @@ def start_worker(store, redis_url, name, *extra):
         "--adapters", str(adapters), "--name", name, "--max-loras", "2", "--max-batch", "6",
         "--kv-cache-tokens", "4096", "--visibility-timeout", "2", "--drain-timeout", "20", *extra,
     ]  # fmt: skip
-    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=None, env={**os.environ})
+    env = {**os.environ, "LORAFLEET_CACHE_DIR": str(model.parent / "cache")}
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=None, env=env)
 
 
 @pytest.fixture

@@ -184,7 +184,7 @@ class AdapterManager:
             stale = entry is None or (not entry.probing and now - entry.checked_at > self.plain_ttl)
         if stale:
             self._probe(name)
-        if entry is None or (entry.version is None and entry.error is not None):
+        if entry is None or (entry.version is None and (entry.error is not None or entry.probing)):
             error = f": {entry.error}" if entry is not None and entry.error else ""
             raise AdapterPending(f"looking up adapter {name!r} in the store{error}")
         if entry.version is None:

@@ -13,15 +13,7 @@ from lorafleet.worker.adapter_cli import register as register_adapter_commands
 
 def register(commands: argparse._SubParsersAction) -> None:
     """Add the worker-side subcommands to `commands`."""
-    demo = commands.add_parser(
-        "demo",
-        help="run lorafleet end to end on this machine (embedded Redis, synthetic model and adapters)",
-        description="Run lorafleet end to end on one machine with nothing installed but this package.",
-    )
-    demo.add_argument("--adapters", type=int, default=4, help="number of synthetic adapters (default 4)")
-    demo.add_argument("--arch", default="llama", help="synthetic model family (llama, mistral, qwen2, qwen3)")
-    demo.add_argument("--size", default="tiny", help="synthetic model size (tiny, small)")
-    demo.set_defaults(func=_run_demo)
+    _register_demo(commands)
     _register_worker(commands)
     register_adapter_commands(commands)
     status = commands.add_parser(
@@ -152,7 +144,47 @@ def _run_top(args: argparse.Namespace) -> int:
     return 0
 
 
+def _register_demo(commands: argparse._SubParsersAction) -> None:
+    demo = commands.add_parser(
+        "demo",
+        help="run lorafleet end to end on this machine (embedded Redis, synthetic model and adapters)",
+        description="Run lorafleet end to end on one machine with nothing installed but this package: "
+        "Redis, a model, adapters, workers, jobs, and a summary. Exit status: 0 every job answered, "
+        "1 job errors or a failure, 2 bad arguments, 130 interrupted.",
+    )
+    add = demo.add_argument
+    add("--jobs", type=int, metavar="N", default=64, help="jobs to submit (default 64)")
+    add("--adapters-count", type=int, metavar="N", default=8, help="adapters, mixed ranks (default 8)")
+    add("--workers", type=int, metavar="N", default=1, help="worker processes (default 1)")
+    add("--redis-url", metavar="URL", default=None, help="use this Redis (default: start the embedded one)")
+    add("--adapters", metavar="DIR", default=None, help="adapter folder to write into (default: a temp dir)")
+    add("--model", metavar="DIR", default=None, help="a Hugging Face model dir (default: a synthetic one)")
+    add("--device", metavar="DEV", default="auto", help="cpu or cuda[:N] (default: cuda if any)")
+    add("--max-new-tokens", type=int, metavar="N", default=16, help="tokens generated per job (default 16)")
+    add("--max-batch", type=int, metavar="N", default=16, help="running sequences per worker (default 16)")
+    add("--arch", default="llama", help="synthetic model family (llama, mistral, qwen2, qwen3)")
+    add("--size", default="tiny", help="synthetic model size (tiny, small)")
+    add("--seed", type=int, metavar="N", default=0, help="seed of model, adapters, jobs (default 0)")
+    add("--timeout", type=float, metavar="S", default=300.0, help="wait for workers, then jobs (default 300)")
+    add("--json", action="store_true", help="print the summary as JSON (no progress bar)")
+    demo.set_defaults(func=_run_demo)
+
+
 def _run_demo(args: argparse.Namespace) -> int:
+    import sys
+    import time
+
     from lorafleet.worker.demo import DemoConfig, run_demo
 
-    return run_demo(DemoConfig(adapters=args.adapters, arch=args.arch, size=args.size))
+    started = time.perf_counter()  # DemoConfig's checks import torch: part of the wall time
+    try:
+        config = DemoConfig(
+            jobs=args.jobs, adapters_count=args.adapters_count, workers=args.workers,
+            redis_url=args.redis_url, adapters=args.adapters, model=args.model, arch=args.arch,
+            size=args.size, device=args.device, max_new_tokens=args.max_new_tokens,
+            max_batch=args.max_batch, seed=args.seed, timeout=args.timeout, as_json=args.json,
+        )  # fmt: skip
+    except ValueError as exc:
+        print(f"lorafleet demo: {exc}", file=sys.stderr)
+        return 2
+    return run_demo(config, started)

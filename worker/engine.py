@@ -158,6 +158,14 @@ class Engine:
         self._adapters[name] = adapter
         return adapter
 
+    def register_adapter(self, name: str, adapter: LoraAdapter) -> None:
+        """Register an adapter already checked by `parse_adapter` (e.g. on a fetch thread) under `name`.
+
+        Like `add_adapter` without re-reading or re-checking it on the caller's thread.
+        """
+        self._retire_resident(name)
+        self._adapters[name] = adapter
+
     def remove_adapter(self, name: str) -> None:
         """Forget an adapter; requests already running on it finish on it."""
         if self._adapters.pop(name, None) is None:

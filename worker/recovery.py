@@ -76,7 +76,7 @@ def refresh_claims(r: redis.Redis, keys: Keys, consumer: str, deliveries: Iterab
     pipe = r.pipeline(transaction=False)
     count = 0
     for delivery in deliveries:
-        pipe.execute_command("XCLAIM", delivery.stream, keys.group, consumer, 0, delivery.entry_id, "JUSTID")
+        pipe.xclaim(delivery.stream, keys.group, consumer, 0, [delivery.entry_id], justid=True)
         count += 1
     if count:
         pipe.execute()
@@ -86,6 +86,4 @@ def release(r: redis.Redis, keys: Keys, delivery: Delivery, visibility_timeout: 
     """Hand a job back: mark it idle past the visibility timeout so the next recovery pass of any
     worker claims it at once (JUSTID leaves its delivery count alone)."""
     idle = int(visibility_timeout * 1000) + 1
-    r.execute_command(
-        "XCLAIM", delivery.stream, keys.group, "released", 0, delivery.entry_id, "IDLE", idle, "JUSTID"
-    )
+    r.xclaim(delivery.stream, keys.group, "released", 0, [delivery.entry_id], idle=idle, justid=True)

@@ -16,7 +16,6 @@ import signal
 import socket
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -47,11 +46,13 @@ from lorafleet.producer.protocol import (
     decode_job,
 )
 from lorafleet.worker import fleet
-from lorafleet.worker.adapters import AdapterError
+from lorafleet.worker.adapter_manager import AdapterManager, AdapterNotFound, AdapterPending
 from lorafleet.worker.config import WorkerConfig
 from lorafleet.worker.engine import Engine, PromptTooLong
 from lorafleet.worker.metrics import Metrics
+from lorafleet.worker.model_store import fetch_model
 from lorafleet.worker.recovery import claim_stale, refresh_claims, release
+from lorafleet.worker.registry import Registry
 from lorafleet.worker.scheduler import (
     AdapterQueue,
     FleetView,
@@ -61,6 +62,8 @@ from lorafleet.worker.scheduler import (
     SchedulerConfig,
 )
 from lorafleet.worker.sequence import FinishReason, GenerationRequest, StepOutput
+from lorafleet.worker.store import open_store
+from lorafleet.worker.store_settings import StoreSettings
 
 log = structlog.get_logger("lorafleet.worker")
 
@@ -86,6 +89,17 @@ class RunningJob:
     sent_text: str = ""
     abort_code: ErrorCode | None = None  # why it was aborted: cancelled, deadline; None = hand back
     token_ids: list[int] = field(default_factory=list)
+    engine_key: str | None = None  # the adapter version it runs on (name@version)
+
+
+@dataclass
+class ParkedJob:
+    """A delivered job whose adapter is on its way from the store: it starts once the adapter is in
+    host memory, or fails at its deadline. Its claim is kept fresh like a running job's."""
+
+    delivery: Delivery
+    job: Job
+    received_at: float
 
 
 class Worker:
@@ -98,14 +112,23 @@ class Worker:
         self.redis = client or redis.Redis.from_url(
             config.redis_url, protocol=2, socket_timeout=config.idle_block + 10, health_check_interval=30
         )
+        settings = StoreSettings.from_env()
         self.engine = engine or Engine.from_pretrained(
-            config.model, max_loras=config.max_loras, max_rank=config.max_rank, device=config.device,
+            fetch_model(config.model, settings), max_loras=config.max_loras, max_rank=config.max_rank,
+            device=config.device,
             dtype=config.torch_dtype, max_batch=config.max_batch,
             kv_cache_tokens=config.kv_cache_tokens or None,
         )  # fmt: skip
         self.scheduler = Scheduler(config.name, SchedulerConfig(max_wait=config.max_wait))
         self.metrics = Metrics(config.metrics_port)
+        self.adapters = AdapterManager(
+            self.engine, open_store(config.adapters, settings), Registry(self.redis, self.keys), settings,
+            log=structlog.get_logger("lorafleet.adapters").bind(worker=config.name),
+        )  # fmt: skip
         self.running: dict[str, RunningJob] = {}  # request id (= stream entry) -> job
+        # "stream entry-id" -> job waiting for its adapter (entry ids repeat across job streams)
+        self.parked: dict[str, ParkedJob] = {}
+        self._engine_key: dict[str, str] = {}  # adapter id -> engine key (name@version) it last ran on
         self.resident: dict[str, ResidentAdapter] = {}
         self.draining = False
         self._drain_deadline = 0.0
@@ -152,6 +175,9 @@ class Worker:
         if self.engine.has_unfinished():
             self._step()
             return True
+        if self.parked:  # nothing to compute, adapters on their way: look again shortly
+            time.sleep(0.01)
+            return True
         if position is not None and not took:
             wait_for_work(self.redis, self.keys, position, block=self.config.idle_block)
         return took
@@ -164,8 +190,11 @@ class Worker:
 
     # ----- admission -----
 
+    def _free_slots(self) -> int:
+        return self.config.max_batch - self.engine.num_running - self.engine.num_waiting - len(self.parked)
+
     def _admit(self, now: float) -> bool:
-        free = self.config.max_batch - self.engine.num_running - self.engine.num_waiting
+        free = self._free_slots()
         if free <= 0:
             return False
         waiting = waiting_queues(self.redis, self.keys)
@@ -193,7 +222,7 @@ class Worker:
             if admission.load and not fleet.take_lease(self.redis, self.keys, queue, self.config.name, 2.0):
                 continue
             if admission.evict is not None:
-                self.engine.evict_adapter(admission.evict)
+                self.engine.evict_adapter(self._engine_key.get(admission.evict, admission.evict))
                 self.resident.pop(admission.evict, None)
             for delivery in read_jobs(
                 self.redis, self.keys, [queue], self.config.name, count=admission.max_jobs
@@ -203,7 +232,8 @@ class Worker:
         return took
 
     def _running_on(self, queue: str) -> int:
-        return sum(1 for j in self.running.values() if j.delivery.queue == queue)
+        running = sum(1 for j in self.running.values() if j.delivery.queue == queue)
+        return running + sum(1 for j in self.parked.values() if j.delivery.queue == queue)
 
     def accept(self, delivery: Delivery, now: float) -> None:
         """Decode a delivered job and start it, or answer it with an error; never raises."""
@@ -213,26 +243,36 @@ class Worker:
             self.metrics.errors.labels(code=exc.code).inc()
             reject(self.redis, self.keys, delivery, exc, worker=self.config.name)
             return
+        self._start_or_fail(delivery, job, now)
+
+    def _start_or_fail(
+        self, delivery: Delivery, job: Job, now: float, received_at: float | None = None
+    ) -> None:
         try:
-            self._start(delivery, job, now)
+            self._start(delivery, job, now, received_at)
         except JobFailed as exc:
             self._fail(delivery, job, exc.code, str(exc))
         except Exception as exc:  # a bug or a broken adapter file must not take the worker down
             self.log.exception("job failed to start", job=job.id)
             self._fail(delivery, job, ErrorCode.WORKER_ERROR, f"{type(exc).__name__}: {exc}")
 
-    def _start(self, delivery: Delivery, job: Job, now: float) -> None:
+    def _start(self, delivery: Delivery, job: Job, now: float, received_at: float | None = None) -> None:
         if self.redis.exists(self.keys.cancel(job.id)):
             raise JobFailed(ErrorCode.CANCELLED, "cancelled before it started")
         if job.deadline is not None and job.deadline <= now:
             raise JobFailed(ErrorCode.DEADLINE_EXCEEDED, "the deadline passed before the job started")
-        load_started = time.perf_counter()
+        engine_adapter = None
         if job.adapter is not None:
-            self._ensure_adapter(job.adapter)
+            engine_adapter = self._adapter_ready(job.adapter)
+            if engine_adapter is None:  # on its way from the store: park it, the loop goes on
+                self.parked.setdefault(
+                    f"{delivery.stream} {delivery.entry_id}", ParkedJob(delivery, job, now)
+                )
+                return
         sampling = job.sampling
         try:
             request = GenerationRequest(
-                prompt_ids=self._prompt_ids(job), adapter=job.adapter,
+                prompt_ids=self._prompt_ids(job), adapter=engine_adapter,
                 max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                 top_p=sampling.top_p, top_k=sampling.top_k, seed=sampling.seed,
                 stop=list(sampling.stop), stop_token_ids=list(sampling.stop_token_ids),
@@ -243,27 +283,67 @@ class Worker:
             raise JobFailed(ErrorCode.PROMPT_TOO_LONG, str(exc)) from exc
         except ValueError as exc:
             raise JobFailed(ErrorCode.INVALID_REQUEST, str(exc)) from exc
-        adapter_load = time.perf_counter() - load_started
-        self.running[rid] = RunningJob(delivery, job, now, adapter_load)
-        if job.adapter is not None:
+        received = now if received_at is None else received_at
+        # adapter_load: time parked waiting for the adapter to arrive from the store
+        self.running[rid] = RunningJob(delivery, job, received, now - received, engine_key=engine_adapter)
+        if job.adapter is not None and engine_adapter is not None:
+            self._engine_key[job.adapter] = engine_adapter
             entry = self.resident.setdefault(job.adapter, ResidentAdapter(0, now, now))
             entry.running += 1
             entry.last_used = now
-        self.metrics.queue_wait.observe(max(0.0, now - delivery.enqueued_at))
-        self.log.debug("job started", job=job.id, adapter=job.adapter)
+        self.metrics.queue_wait.observe(max(0.0, received - delivery.enqueued_at))
+        self.log.debug("job started", job=job.id, adapter=job.adapter, version=engine_adapter)
 
-    def _ensure_adapter(self, name: str) -> None:
-        if name in self.engine.adapters:
-            self.metrics.adapter_hits.labels(adapter=name).inc()
-            return
-        path = Path(self.config.adapters) / name
-        if not path.is_dir():
-            raise JobFailed(ErrorCode.ADAPTER_NOT_FOUND, f"no adapter {name!r} in the adapter store")
+    def _adapter_ready(self, adapter_id: str) -> str | None:
+        """The engine key of the version `adapter_id` stands for now if it is in host memory; else
+        start fetching it and return None. Resolved at every start, so that once a push is
+        acknowledged no new sequence starts on the old version."""
         try:
-            self.engine.add_adapter(name, path)
-        except AdapterError as exc:
-            raise JobFailed(ErrorCode.ADAPTER_INVALID, str(exc)) from exc
-        self.metrics.adapter_loads.labels(adapter=name).inc()
+            ref = self.adapters.resolve(adapter_id)
+        except AdapterPending:
+            return None
+        except AdapterNotFound as exc:
+            raise JobFailed(ErrorCode.ADAPTER_NOT_FOUND, str(exc)) from exc
+        state, error = self.adapters.state(ref)
+        if state == "ready":
+            self.adapters.touch(ref)
+            self.metrics.adapter_hits.labels(adapter=ref.name).inc()
+            return ref.key
+        if state == "failed":
+            raise JobFailed(ErrorCode.ADAPTER_INVALID, error or f"adapter {ref.key} cannot be loaded")
+        self.adapters.ensure(ref)
+        return None
+
+    def _unpark(self, now: float) -> None:
+        """Start parked jobs whose adapter arrived; fail those cancelled or past their deadline."""
+        if not self.parked:
+            return
+        jobs = list(self.parked.values())
+        self.parked.clear()
+        cancelled = self.redis.mget([self.keys.cancel(p.job.id) for p in jobs])
+        for parked, marker in zip(jobs, cancelled, strict=True):
+            if marker is not None:
+                self._fail(parked.delivery, parked.job, ErrorCode.CANCELLED, "cancelled before it started")
+            elif parked.job.deadline is not None and parked.job.deadline <= now:
+                why = self._fetch_error(parked.job.adapter) or "it was still being fetched"
+                message = f"the deadline passed waiting for adapter {parked.job.adapter!r}: {why}"
+                self._fail(parked.delivery, parked.job, ErrorCode.DEADLINE_EXCEEDED, message)
+            else:
+                self._start_or_fail(parked.delivery, parked.job, now, parked.received_at)
+
+    def _fetch_error(self, adapter_id: str | None) -> str | None:
+        try:
+            ref = self.adapters.resolve(adapter_id or "")
+        except (AdapterPending, AdapterNotFound) as exc:
+            return str(exc)
+        return self.adapters.state(ref)[1]
+
+    def _in_use(self, key: str) -> bool:
+        """Whether a running job, or a parked one about to start, needs the adapter version `key`."""
+        if any(j.engine_key == key for j in self.running.values()):
+            return True
+        name = key.partition("@")[0]
+        return any((p.job.adapter or "").partition("@")[0] == name for p in self.parked.values())
 
     def _prompt_ids(self, job: Job) -> list[int]:
         if job.prompt_ids is not None:
@@ -358,6 +438,11 @@ class Worker:
 
     def _housekeeping(self, now: float) -> None:
         self._check_cancel_and_deadlines(now)
+        before = set(self.engine.adapters)
+        self.adapters.poll(self._in_use)
+        for key in set(self.engine.adapters) - before:
+            self.metrics.adapter_loads.labels(adapter=key.partition("@")[0]).inc()
+        self._unpark(now)
         if self.draining and now > self._drain_deadline:
             for rid, job in self.running.items():
                 if job.abort_code is None:
@@ -367,9 +452,7 @@ class Worker:
             self._heartbeat(now)
         if now >= self._next["claims"]:
             self._next["claims"] = now + self.config.visibility_timeout / 3
-            refresh_claims(
-                self.redis, self.keys, self.config.name, [j.delivery for j in self.running.values()]
-            )
+            refresh_claims(self.redis, self.keys, self.config.name, self._held_deliveries())
         if not self.draining and now >= self._next["recover"]:
             self._next["recover"] = now + max(0.5, self.config.visibility_timeout / 4)
             self._recover(now)
@@ -390,13 +473,14 @@ class Worker:
                 self.engine.abort(rid)
 
     def _recover(self, now: float) -> None:
-        free = self.config.max_batch - self.engine.num_running - self.engine.num_waiting
+        free = self._free_slots()
         if free <= 0:
             return
         for delivery, deliveries in claim_stale(
             self.redis, self.keys, self.config.name, self.config.visibility_timeout, free
         ):
             self.metrics.redeliveries.inc()
+            self.log.info("claimed", entry=delivery.entry_id, queue=delivery.queue, deliveries=deliveries)
             if deliveries > self.config.max_deliveries:
                 self._dead_letter(delivery, deliveries)
             else:
@@ -423,12 +507,13 @@ class Worker:
         horizon = now - 10.0
         self._tokens_window = [(t, n) for t, n in self._tokens_window if t >= horizon]
         tokens_per_s = sum(n for _, n in self._tokens_window) / 10.0
-        self.metrics.set_residency(self.engine.resident_adapters)
+        self.metrics.set_residency(k.partition("@")[0] for k in self.engine.resident_adapters)
         entry = fleet.WorkerEntry(
             id=self.config.name, device=self.config.device, host=socket.gethostname(), pid=os.getpid(),
             started_at=self._started, heartbeat=now, running=len(self.running),
             free_slots=self.config.max_batch - self.engine.num_running,
-            resident=[queue_name(a) for a in self.engine.resident_adapters], tokens_per_s=tokens_per_s,
+            resident=[queue_name(k.partition("@")[0]) for k in self.engine.resident_adapters],
+            tokens_per_s=tokens_per_s,
             draining=self.draining,
         )  # fmt: skip
         fleet.publish(self.redis, self.keys, entry, self.config.heartbeat_ttl)
@@ -445,9 +530,15 @@ class Worker:
             free_slots={w.id: w.free_slots for w in workers},
         )
 
+    def _held_deliveries(self) -> list[Delivery]:
+        return [*(j.delivery for j in self.running.values()), *(p.delivery for p in self.parked.values())]
+
     def _shutdown(self) -> None:
-        for job in self.running.values():  # left over after a drain timeout: hand back
-            release(self.redis, self.keys, job.delivery, self.config.visibility_timeout)
+        # Left over after a drain timeout, or still waiting for an adapter: hand back.
+        for delivery in self._held_deliveries():
+            release(self.redis, self.keys, delivery, self.config.visibility_timeout)
         self.running.clear()
+        self.parked.clear()
+        self.adapters.close()
         fleet.withdraw(self.redis, self.keys, self.config.name)
         self.log.info("worker stopped")

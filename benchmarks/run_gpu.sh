@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Every GPU test and GPU benchmark in one unattended command, each step under its own time limit, so
+# that one step that hangs or fails does not cost the others.
+#
+#     benchmarks/run_gpu.sh            # the benchmarks with --quick (about 9 minutes in all on an H100)
+#     benchmarks/run_gpu.sh --full     # the full benchmark grids (longer)
+#
+# JSON results land in benchmarks/results/ as usual; everything is printed to stdout (tee it to a log).
+# Where lorafleet is not installed (a bare GPU machine with torch, triton, transformers and peft),
+# the checkout is imported through a link tree that maps lorafleet.{producer,worker,kernels}.
+# Exit status: the number of steps that failed or ran out of time.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+quick="--quick" scale=1
+[[ "${1:-}" == "--full" ]] && quick="" scale=3
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+
+if ! "$py" -c "import lorafleet.worker, lorafleet.kernels" 2>/dev/null; then
+    tree=$(mktemp -d)
+    mkdir -p "$tree/lorafleet"
+    for part in producer worker kernels; do ln -s "$PWD/$part" "$tree/lorafleet/$part"; done
+    export PYTHONPATH="$tree${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+"$py" - <<'EOF'
+import platform, torch, triton, transformers
+print(f"python {platform.python_version()}  torch {torch.__version__}  triton {triton.__version__}  "
+      f"transformers {transformers.__version__}  cuda {torch.version.cuda}")
+print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
+EOF
+
+failed=0
+step() {  # step SECONDS NAME COMMAND...
+    local limit=$(($1 * scale)) name=$2 start rc
+    shift 2
+    echo "===== $name (limit ${limit} s)"
+    start=$(date +%s)
+    timeout --kill-after=10 "$limit" "$@"
+    rc=$?
+    echo "===== $name: exit $rc after $(($(date +%s) - start)) s"
+    [[ $rc -eq 0 ]] || failed=$((failed + 1))
+}
+
+step 150 gpu-tests "$py" -m pytest -q -m gpu -p no:cacheprovider -o addopts="--strict-markers -ra" \
+    tests/test_kernels.py tests/test_paged_attention.py tests/test_kernels_compile.py tests/test_engine_gpu.py
+step 90 bench_kernels "$py" benchmarks/bench_kernels.py $quick
+step 60 bench_attention "$py" benchmarks/bench_attention.py $quick
+step 150 bench_engine "$py" benchmarks/bench_engine.py $quick
+step 90 bench_adapters "$py" benchmarks/bench_adapters.py --repeat 1
+exit $failed
