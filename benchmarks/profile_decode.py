@@ -1,0 +1,136 @@
+"""Where a decode step's time goes, on a GPU: wall time vs GPU kernel time, and the kernels by total time.
+
+Builds the engine at Llama-3-8B shapes (random bf16 weights), runs `--batch` sequences over
+`--adapters` distinct rank-16 all-linear adapters (0: base model), and profiles `--steps` decode steps
+with torch.profiler, once with CUDA graphs and once eager. For each it reports
+
+    wall_ms       engine.step() wall time per step (host work, sampling and the forward)
+    kernel_ms     sum of GPU kernel time per step
+    kernels       kernel launches per step
+    top kernels   name, calls per step, ms per step, share of kernel time
+
+    python benchmarks/profile_decode.py --batch 16 --adapters 8
+
+Prints the tables and writes benchmarks/results/profile_decode.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import print_table, write_results
+
+from lorafleet.worker import synthetic
+from lorafleet.worker.engine import Engine, EngineConfig
+from lorafleet.worker.model import DecoderModel
+from lorafleet.worker.sequence import GenerationRequest
+
+PROMPT_LEN = 128
+RANK = 16
+
+
+def build_engine(size: str, batch: int, adapters: int, cuda_graphs: bool) -> Engine:
+    """An engine over a random-weight Llama of `size` with `adapters` rank-16 adapters registered."""
+    config = synthetic.model_config("llama", size)
+    hf_model = synthetic.build_model(config, dtype=torch.bfloat16, device="cuda")
+    weights = dict(hf_model.state_dict())
+    model = DecoderModel(config, weights, torch.device("cuda"), torch.bfloat16)
+    engine = Engine(
+        model,
+        EngineConfig(max_loras=max(adapters, 1), max_rank=RANK, max_batch=batch,
+                     kv_cache_tokens=batch * (PROMPT_LEN + 512), cuda_graphs=cuda_graphs),
+    )  # fmt: skip
+    lora_config = synthetic.adapter_config(rank=RANK, alpha=2 * RANK, targets=synthetic.ALL_TARGETS)
+    for i in range(adapters):
+        tensors = synthetic.adapter_tensors(
+            config, rank=RANK, targets=synthetic.ALL_TARGETS, dtype=torch.bfloat16, device="cuda", seed=i
+        )
+        engine.add_adapter(f"p{i}", {k: v.cpu() for k, v in tensors.items()}, lora_config)
+    return engine
+
+
+def profile(engine: Engine, batch: int, adapters: int, steps: int) -> dict[str, Any]:
+    """Profile `steps` decode steps of `batch` running sequences; kernel totals per step."""
+    names: list[str | None] = [f"p{i}" for i in range(adapters)] or [None]
+    for i in range(batch):
+        engine.add_request(
+            GenerationRequest(
+                prompt_ids=[(7 * i + j) % 1000 + 3 for j in range(PROMPT_LEN)],
+                adapter=names[i % len(names)],
+                max_new_tokens=steps + 8,
+                ignore_eos=True,
+            )
+        )
+    for _ in range(4):  # prefill, then decode warm-up (graph capture, Triton compiles)
+        engine.step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / steps
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    while engine.has_unfinished():
+        engine.step()
+    totals: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = totals[event.name]
+            entry[0] += 1
+            entry[1] += event.device_time_total / 1e3  # us -> ms
+    kernel_ms = sum(v[1] for v in totals.values()) / steps
+    top = sorted(totals.items(), key=lambda item: -item[1][1])[:20]
+    return {
+        "wall_ms": wall * 1e3,
+        "kernel_ms": kernel_ms,
+        "kernels": sum(v[0] for v in totals.values()) / steps,
+        "top": [
+            {"kernel": name[:90], "calls": calls / steps, "ms": ms / steps, "share": ms / steps / max(kernel_ms, 1e-9)}
+            for name, (calls, ms) in top
+        ],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="llama-3-8b", help="synthetic model size")
+    parser.add_argument("--batch", type=int, default=16, help="running sequences")
+    parser.add_argument("--adapters", type=int, default=8, help="distinct adapters (0: base model)")
+    parser.add_argument("--steps", type=int, default=8, help="decode steps profiled")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("profile_decode needs a CUDA GPU; none found", file=sys.stderr)
+        return 2
+    results = {}
+    for mode in ("graphs", "eager"):
+        engine = build_engine(args.size, args.batch, args.adapters, cuda_graphs=mode == "graphs")
+        results[mode] = profile(engine, args.batch, args.adapters, args.steps)
+        del engine
+        torch.cuda.empty_cache()
+        r = results[mode]
+        print(f"\n{mode}: wall {r['wall_ms']:.3f} ms/step, kernels {r['kernel_ms']:.3f} ms/step, "
+              f"{r['kernels']:.0f} launches/step")  # fmt: skip
+        print_table(r["top"], ["kernel", "calls", "ms", "share"])
+    rows = [{"mode": m, **{k: v for k, v in r.items() if k != "top"}} for m, r in results.items()]
+    path = write_results(
+        "profile_decode", rows, {"size": args.size, "batch": args.batch, "adapters": args.adapters,
+                                 "top": {m: r["top"] for m, r in results.items()}},
+    )  # fmt: skip
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
