@@ -7,6 +7,8 @@ with torch.profiler, once with CUDA graphs and once eager. For each it reports
     wall_ms       engine.step() wall time per step (host work, sampling and the forward)
     kernel_ms     sum of GPU kernel time per step
     kernels       kernel launches per step
+    launch_gap_ms GPU idle per step in gaps under 100 us (between the kernels of one step)
+    host_gap_ms   GPU idle per step in longer gaps (waiting for the host between steps)
     top kernels   name, calls per step, ms per step, share of kernel time
 
     python benchmarks/profile_decode.py --batch 16 --adapters 8
@@ -85,22 +87,44 @@ def profile(engine: Engine, batch: int, adapters: int, steps: int) -> dict[str, 
     while engine.has_unfinished():
         engine.step()
     totals: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    spans: list[tuple[float, float]] = []  # (start, end) of each GPU activity, us
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             entry = totals[event.name]
             entry[0] += 1
             entry[1] += event.device_time_total / 1e3  # us -> ms
+            spans.append((event.time_range.start, event.time_range.end))
     kernel_ms = sum(v[1] for v in totals.values()) / steps
+    launch_gap_ms, host_gap_ms = idle_gaps(spans, steps)
+    share_of = max(kernel_ms, 1e-9)
     top = sorted(totals.items(), key=lambda item: -item[1][1])[:20]
     return {
         "wall_ms": wall * 1e3,
         "kernel_ms": kernel_ms,
         "kernels": sum(v[0] for v in totals.values()) / steps,
+        "launch_gap_ms": launch_gap_ms,
+        "host_gap_ms": host_gap_ms,
         "top": [
-            {"kernel": name[:90], "calls": calls / steps, "ms": ms / steps, "share": ms / steps / max(kernel_ms, 1e-9)}
+            {"kernel": name[:90], "calls": calls / steps, "ms": ms / steps, "share": ms / steps / share_of}
             for name, (calls, ms) in top
         ],
     }
+
+
+def idle_gaps(spans: list[tuple[float, float]], steps: int, host_gap_us: float = 100.0) -> tuple[float, ...]:
+    """GPU idle time per step (ms) between activities: gaps under `host_gap_us` (one kernel waiting
+    for the next launch inside a step) and longer ones (the GPU waiting for the host between steps)."""
+    short = long = 0.0
+    busy_until = None
+    for start, end in sorted(spans):
+        if busy_until is not None and start > busy_until:
+            gap = start - busy_until
+            if gap < host_gap_us:
+                short += gap
+            else:
+                long += gap
+        busy_until = end if busy_until is None else max(busy_until, end)
+    return short / steps / 1e3, long / steps / 1e3
 
 
 def main() -> int:
@@ -109,21 +133,24 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=16, help="running sequences")
     parser.add_argument("--adapters", type=int, default=8, help="distinct adapters (0: base model)")
     parser.add_argument("--steps", type=int, default=8, help="decode steps profiled")
+    parser.add_argument("--eager", action="store_true", help="also profile without CUDA graphs")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("profile_decode needs a CUDA GPU; none found", file=sys.stderr)
         return 2
     results = {}
-    for mode in ("graphs", "eager"):
+    for mode in ("graphs", "eager") if args.eager else ("graphs",):
         engine = build_engine(args.size, args.batch, args.adapters, cuda_graphs=mode == "graphs")
         results[mode] = profile(engine, args.batch, args.adapters, args.steps)
         del engine
         torch.cuda.empty_cache()
         r = results[mode]
         print(f"\n{mode}: wall {r['wall_ms']:.3f} ms/step, kernels {r['kernel_ms']:.3f} ms/step, "
-              f"{r['kernels']:.0f} launches/step")  # fmt: skip
+              f"{r['kernels']:.0f} launches/step; GPU idle between kernels {r['launch_gap_ms']:.3f} ms, "
+              f"waiting for the host {r['host_gap_ms']:.3f} ms")  # fmt: skip
         print_table(r["top"], ["kernel", "calls", "ms", "share"])
-    rows = [{"mode": m, **{k: v for k, v in r.items() if k != "top"}} for m, r in results.items()]
+    rows = [{"mode": m, "batch": args.batch, "adapters": args.adapters,
+             **{k: v for k, v in r.items() if k != "top"}} for m, r in results.items()]  # fmt: skip
     path = write_results(
         "profile_decode", rows, {"size": args.size, "batch": args.batch, "adapters": args.adapters,
                                  "top": {m: r["top"] for m, r in results.items()}},
