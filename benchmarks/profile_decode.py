@@ -67,7 +67,7 @@ def profile(engine: Engine, batch: int, adapters: int, steps: int) -> dict[str, 
             GenerationRequest(
                 prompt_ids=[(7 * i + j) % 1000 + 3 for j in range(PROMPT_LEN)],
                 adapter=names[i % len(names)],
-                max_new_tokens=steps + 8,
+                max_new_tokens=2 * steps + 16,  # warm-up, timed and profiled steps all decode
                 ignore_eos=True,
             )
         )
