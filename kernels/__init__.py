@@ -4,6 +4,9 @@
     h = lora_shrink(x, lora_a, token_slots, slot_ranks, meta=meta)            # [T, R] fp32
     lora_expand(h, lora_b, token_slots, slot_ranks, slot_scales, out, meta=meta)  # out += ...
 
+and the fused pieces of a decoder layer that would otherwise take many small kernels each: `rms_norm`
+(with the residual add before it), `apply_rotary` (q and k together) and `paged_attention`.
+
 CUDA tensors run the Triton kernels, CPU tensors the torch reference (or the Triton kernels under the
 interpreter with backend="triton" or TRITON_INTERPRET=1). Importing this package does not need Triton.
 """
@@ -12,12 +15,16 @@ from lorafleet.kernels._triton import HAS_TRITON
 from lorafleet.kernels.attention import paged_attention, paged_attention_ref
 from lorafleet.kernels.expand import lora_expand
 from lorafleet.kernels.meta import LoraBatchMeta, block_m_for, make_batch_meta
+from lorafleet.kernels.norm import rms_norm, rms_norm_ref
 from lorafleet.kernels.reference import lora_expand_ref, lora_shrink_ref
+from lorafleet.kernels.rotary import apply_rotary, apply_rotary_ref
 from lorafleet.kernels.shrink import lora_shrink
 
 __all__ = [
     "HAS_TRITON",
     "LoraBatchMeta",
+    "apply_rotary",
+    "apply_rotary_ref",
     "block_m_for",
     "lora_expand",
     "lora_expand_ref",
@@ -26,4 +33,6 @@ __all__ = [
     "make_batch_meta",
     "paged_attention",
     "paged_attention_ref",
+    "rms_norm",
+    "rms_norm_ref",
 ]

@@ -86,7 +86,7 @@ def build_summary(
         "latency_p50_s": rounded(percentile([o.latency for o in outcomes], 0.50)),
         "latency_p99_s": rounded(percentile([o.latency for o in outcomes], 0.99)),
         "queue_wait_p50_s": rounded(percentile(waits, 0.50)),
-        "serve_s": round(serve_s, 3),
+        "serve_s": rounded(serve_s),
         **run,
     }
 

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from lorafleet.kernels import LoraBatchMeta, lora_expand, lora_shrink, paged_attention
+from lorafleet.kernels import LoraBatchMeta, apply_rotary, lora_expand, lora_shrink, paged_attention, rms_norm
 from lorafleet.worker.adapters import AdapterSlots, ModelShapes
 from lorafleet.worker.attention import write_kv
 from lorafleet.worker.batch import StepBatch
@@ -124,18 +124,6 @@ def load_safetensors(model_dir: Path, device: torch.device, dtype: torch.dtype) 
     return tensors
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in fp32 like transformers, then scaled by weight in the input dtype."""
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class DecoderModel:
     """Base-model weights plus the forward pass over a packed StepBatch."""
 
@@ -198,11 +186,15 @@ class DecoderModel:
         q = self._linear(x, layer, "self_attn", "q_proj", batch, slots).view(q_shape)
         k = self._linear(x, layer, "self_attn", "k_proj", batch, slots).view(kv_shape)
         v = self._linear(x, layer, "self_attn", "v_proj", batch, slots).view(kv_shape)
-        if spec.qk_norm:
-            q = rms_norm(q, self._w(layer, "self_attn.q_norm.weight"), spec.rms_eps)
-            k = rms_norm(k, self._w(layer, "self_attn.k_norm.weight"), spec.rms_eps)
-        q = q * cos + _rotate_half(q) * sin  # cos, sin: [N, 1, D]
-        k = k * cos + _rotate_half(k) * sin
+        if spec.qk_norm:  # per head: rows of head_dim
+            q = rms_norm(q.view(-1, spec.head_dim), self._w(layer, "self_attn.q_norm.weight"), spec.rms_eps)[
+                0
+            ]
+            k = rms_norm(k.view(-1, spec.head_dim), self._w(layer, "self_attn.k_norm.weight"), spec.rms_eps)[
+                0
+            ]
+            q, k = q.view(q_shape), k.view(kv_shape)
+        q, k = apply_rotary(q, k, cos, sin)  # cos, sin: [N, D]
         k_cache, v_cache = cache.k[layer], cache.v[layer]
         write_kv(k_cache, v_cache, k, v, batch)
         out = paged_attention(
@@ -223,15 +215,24 @@ class DecoderModel:
         if batch.has_lora and slots is not None and batch.lora_meta is None:
             # Tokens grouped by adapter slot, once per step, shared by every LoRA projection.
             batch.lora_meta = LoraBatchMeta.build(batch.token_slots, slots.num_slots)
-        h = self.embed[batch.input_ids]  # [N, d]
-        cos, sin = self.rotary(h, batch.positions[None, :])  # [1, N, D] each
-        cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [N, 1, D]
+        residual = self.embed[batch.input_ids]  # [N, d]: the residual stream
+        cos, sin = self.rotary(residual, batch.positions[None, :])  # [1, N, D] each
+        cos, sin = cos[0], sin[0]  # [N, D]
+        x = rms_norm(residual, self._w(0, "input_layernorm.weight"), spec.rms_eps)[0]
         for layer in range(spec.num_layers):
-            x = rms_norm(h, self._w(layer, "input_layernorm.weight"), spec.rms_eps)
-            h = h + self._attention(x, layer, batch, cache, slots, cos, sin)
-            x = rms_norm(h, self._w(layer, "post_attention_layernorm.weight"), spec.rms_eps)
-            h = h + self._mlp(x, layer, batch, slots)
-        last = rms_norm(h[batch.logits_index], self.final_norm, spec.rms_eps)  # [B, d]
+            # Each norm also adds the block's output to the residual stream (one kernel for both).
+            attn = self._attention(x, layer, batch, cache, slots, cos, sin)
+            x, residual = rms_norm(
+                attn, self._w(layer, "post_attention_layernorm.weight"), spec.rms_eps, residual
+            )
+            mlp = self._mlp(x, layer, batch, slots)
+            if layer + 1 < spec.num_layers:
+                x, residual = rms_norm(
+                    mlp, self._w(layer + 1, "input_layernorm.weight"), spec.rms_eps, residual
+                )
+        # Only each sequence's last token needs the final norm and the logits.
+        idx = batch.logits_index
+        last = rms_norm(mlp[idx], self.final_norm, spec.rms_eps, residual[idx])[0]  # [B, d]
         return F.linear(last, self.lm_head).float()  # [B, V]
 
     def memory_bytes(self) -> int:
