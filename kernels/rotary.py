@@ -2,8 +2,10 @@
 
 transformers applies it as `q * cos + rotate_half(q) * sin` (and the same for k): about ten kernels per
 layer (two multiplies, a negation, a concatenation and an add, for each of q and k). One Triton program
-per (token, head) does both in one pass, rounding each product and the sum to the input dtype exactly as
-those torch ops do, so the result is bit-identical to transformers' in every dtype.
+per (token, head) does both in one pass, rounding each product and the sum to the input dtype as those
+torch ops do. Under Triton's interpreter that is bit-identical to transformers; compiled for a GPU, the
+compiler may keep a product unrounded (a fused multiply-add), so fp16/bf16 results can differ from
+torch's op-by-op rounding by about one unit in the last place of the products (seen on an H100 in bf16).
 
 CUDA tensors run the kernel; CPU tensors the torch reference (the kernel under Triton's interpreter with
 backend="triton" or TRITON_INTERPRET=1; not in bf16, which the interpreter cannot compute).

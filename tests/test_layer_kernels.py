@@ -111,5 +111,8 @@ def test_gpu_bf16_kernels_match_reference_at_llama_8b_sizes():
     q, k, cos, sin = _rope(64, 32, 8, 128, torch.bfloat16, "cuda")
     got_q, got_k = apply_rotary(q, k, cos, sin)
     ref_q, ref_k = apply_rotary_ref(q, k, cos, sin)
-    assert torch.equal(got_q, ref_q)
-    assert torch.equal(got_k, ref_k)
+    # Compiled, a product may stay unrounded (fused multiply-add): the two results may differ by about
+    # one bf16 unit of the products (|q| < 5: 1/32), where the sum cancels too; a wrong rotation is off
+    # by the size of the values themselves.
+    torch.testing.assert_close(got_q, ref_q, atol=0.05, rtol=1e-2)
+    torch.testing.assert_close(got_k, ref_k, atol=0.05, rtol=1e-2)
