@@ -264,6 +264,13 @@ def test_bad_adapters_are_refused_and_leave_no_slot(models, tmp_path):
     tensors[next(iter(tensors))][0, 0] = math.nan
     with pytest.raises(AdapterError, match="NaN"):
         engine.add_adapter("nan", tensors, config)
+    tensors[next(iter(tensors))][0, 0] = -math.inf
+    with pytest.raises(AdapterError, match="NaN or Inf"):
+        engine.add_adapter("inf", tensors, config)
+    # Finite values whose fp32 sum overflows are weights like any other.
+    huge = {key: torch.full_like(t, 3e38) for key, t in tensors.items()}
+    engine.add_adapter("huge", huge, config)
+    engine.remove_adapter("huge")
     (tmp_path / "no-weights").mkdir()
     (tmp_path / "no-weights" / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(AdapterError, match=r"adapter_model\.safetensors is missing"):
