@@ -27,7 +27,7 @@ from lorafleet.worker.batch import StepBatch, build_step_batch
 from lorafleet.worker.cuda_graphs import DecodeGraphs
 from lorafleet.worker.kv_cache import KVCache, KVCacheInfo
 from lorafleet.worker.model import DecoderModel
-from lorafleet.worker.sampling import SamplingBatch, sample
+from lorafleet.worker.sampling import SamplingBatch, greedy, sample
 from lorafleet.worker.sequence import FinishReason, GenerationOutput, GenerationRequest, Sequence, StepOutput
 
 
@@ -330,7 +330,10 @@ class Engine:
             self.kv.grow(seq.block_table, seq.length)
         batch = build_step_batch(seqs, self.kv.block_size, self.device)
         logits = self._forward(batch)  # [B, V]
-        next_ids = sample(logits, self._sampling_batch(seqs)).tolist()
+        if all(s.request.temperature == 0 for s in seqs):
+            next_ids = greedy(logits).tolist()  # no per-row parameters to copy to the device
+        else:
+            next_ids = sample(logits, self._sampling_batch(seqs)).tolist()
         for seq, token in zip(seqs, next_ids, strict=True):
             seq.num_cached = seq.length
             seq.output_ids.append(int(token))

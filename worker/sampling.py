@@ -52,11 +52,16 @@ class SamplingBatch:
     any_top_k: bool
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The most likely token of every row: logits [B, V] -> [B] int64."""
+    return logits.argmax(dim=-1)
+
+
 def sample(logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
     """Next token id of every row: logits [B, V] float32 -> [B] int64."""
-    greedy = logits.argmax(dim=-1)
+    top = greedy(logits)
     if params.all_greedy:
-        return greedy
+        return top
     temperature = params.temperature.clamp_min(1e-5)[:, None]  # [B, 1]
     scaled = logits / temperature
     if params.any_top_k:
@@ -66,7 +71,7 @@ def sample(logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
     u = hashed_uniform(params.seeds, params.steps, logits.shape[-1])
     gumbel = -torch.log(-torch.log(u))
     sampled = (scaled + gumbel).argmax(dim=-1)
-    return torch.where(params.temperature > 0, sampled, greedy)
+    return torch.where(params.temperature > 0, sampled, top)
 
 
 def _apply_top_k(scaled: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
