@@ -20,7 +20,7 @@ from lorafleet.producer.config import ProducerConfig
 from lorafleet.producer.errors import JobFailed, QueueFull
 from lorafleet.producer.protocol import Chunk, ErrorReply, Reply, reply_to_wire
 
-WORKER_COMMANDS = ("worker", "demo", "status", "top", "adapters", "control")
+WORKER_COMMANDS = ("worker", "demo", "status", "top", "adapters", "models", "control")
 
 # Exit status of `lorafleet submit`.
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_TIMEOUT, EXIT_QUEUE_FULL, EXIT_REDIS = 0, 1, 2, 3, 4, 5

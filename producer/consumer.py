@@ -165,6 +165,62 @@ def publish_final(
     return bool(_run(r, _FINAL, [stream, reply_to], [group, entry_id, encode_reply(reply), reply_ttl * 1000]))
 
 
+class ReplyBatch:
+    """The replies of one engine step, sent in one round trip: streamed chunks and final replies.
+
+    Each final reply is still atomic (the same script as `publish_final`: reply, XACK, XDEL); the batch
+    only saves the round trips (one per chunk and per final otherwise, on the step's critical path).
+    Replies go out in the order they were added, so a job's chunks precede its final reply.
+    """
+
+    def __init__(self) -> None:
+        self._ops: list[tuple[str, tuple[Any, ...]]] = []
+
+    def __len__(self) -> int:
+        return len(self._ops)
+
+    def chunk(self, chunk: Chunk, *, reply_to: str, reply_ttl: int) -> None:
+        """Queue a streamed chunk (as `publish_chunk`)."""
+        self._ops.append(("chunk", (reply_to, encode_reply(chunk), reply_ttl)))
+
+    def final(
+        self,
+        stream: str,
+        entry_id: str,
+        reply: Reply,
+        *,
+        reply_to: str,
+        reply_ttl: int,
+        group: str = Keys.GROUP,
+    ) -> None:
+        """Queue a final reply (as `publish_final`)."""
+        self._ops.append(
+            ("final", (stream, reply_to, group, entry_id, encode_reply(reply), reply_ttl * 1000))
+        )
+
+    def flush(self, r: redis.Redis) -> None:
+        """Send everything queued in one pipeline and empty the batch."""
+        ops, self._ops = self._ops, []
+        if not ops:
+            return
+        pipe = r.pipeline(transaction=False)
+        for kind, args in ops:
+            if kind == "chunk":
+                reply_to, payload, ttl = args
+                pipe.xadd(reply_to, {REPLY_FIELD: payload})
+                pipe.expire(reply_to, ttl)
+            else:
+                pipe.evalsha(_FINAL.sha, 2, *args)
+        results = iter(pipe.execute(raise_on_error=False))
+        for kind, args in ops:
+            outcome = [next(results), next(results)] if kind == "chunk" else [next(results)]
+            for value in outcome:
+                if isinstance(value, NoScriptError):  # a restarted server: EVAL loads the script
+                    _run(r, _FINAL, args[:2], args[2:])
+                elif isinstance(value, Exception):
+                    raise value
+
+
 def dead_letter(
     r: redis.Redis,
     keys: Keys,

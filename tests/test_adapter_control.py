@@ -242,6 +242,25 @@ def test_a_store_outage_never_rejects_an_adapter(env, plane):
     assert env.queue.fetch_job(pushed.job_id).get_status() == "scheduled"  # RQ runs it again later
 
 
+def test_a_store_outage_is_reported_by_push_and_rm_without_a_traceback(env, plane, cli_env, capsys):
+    path = env.adapter()
+    env.push(path, "bot")
+    env.run_jobs()
+    env.backend.down()
+    try:
+        if env.backend.kind == "s3":  # a local folder that is gone is created again by an upload
+            assert main(["adapters", "push", "--no-wait", str(env.adapter("v2", seed=5)), "bot"]) == 1
+            assert "error: upload failed:" in capsys.readouterr().err
+        assert main(["adapters", "rm", "bot"]) == 1
+        err = capsys.readouterr().err
+        assert "removed from the registry, but its files are still in the store" in err
+        assert env.registry.current("bot") is None  # new jobs fail at once
+    finally:
+        env.backend.up()
+    assert main(["adapters", "rm", "bot"]) == 0  # again, with the store back: the files go
+    assert env.store.list_keys("bot/") == []
+
+
 def test_lorafleet_control_process_validates_pushes(redis_client, redis_url, model_dir, tmp_path, monkeypatch,
                                                     capsys):  # fmt: skip
     backend = StoreBackend.make("s3", tmp_path)  # one kind is enough: this is about the process

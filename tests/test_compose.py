@@ -205,7 +205,22 @@ def test_workers_and_control_get_their_settings_from_the_env_once_the_stack_is_u
         assert command[command.index("--store") + 1] == example["LORAFLEET_ADAPTERS"]
         assert command[command.index("--model") + 1] == example["LORAFLEET_MODEL"]
     assert service["depends_on"]["redis"]["condition"] == "service_healthy"
-    assert service["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
+    assert service["depends_on"]["model-init"]["condition"] == "service_completed_successfully"
+
+
+@needs_compose
+@pytest.mark.parametrize("profile", [None, "gpu", "cpu"], ids=["no-profile", "gpu-profile", "cpu-profile"])
+def test_a_fresh_stack_puts_a_model_where_the_workers_read_it_before_they_start(profile):
+    services = rendered(profile)
+    init, example = services["model-init"], env_example()
+    # `lorafleet models push synthetic:... MODEL --if-missing`, once the bucket exists
+    assert init["command"][:2] == ["models", "push"]
+    assert init["command"][2].startswith("synthetic:")
+    assert init["command"][3] == example["LORAFLEET_MODEL"]
+    assert "--if-missing" in init["command"]
+    assert init["environment"]["LORAFLEET_S3_ENDPOINT"] == "minio:9000"
+    assert init["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
+    assert init["restart"] == "no"
 
 
 @needs_compose

@@ -27,14 +27,20 @@ def demo_command(*extra: str) -> list[str]:
     return [sys.executable, "-m", "lorafleet.producer.cli", "demo", "--adapters-count", str(ADAPTERS), *extra]
 
 
-def demo_env(tmp_path: Path) -> dict[str, str]:
-    return {**os.environ, "TMPDIR": str(tmp_path)}
+def demo_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    # The user's own adapter cache, which the demo's throwaway versions must stay out of.
+    return {
+        **os.environ,
+        "TMPDIR": str(tmp_path),
+        "LORAFLEET_CACHE_DIR": str(tmp_path / "user-cache"),
+        **extra,
+    }
 
 
-def run_demo(tmp_path: Path, *extra: str) -> dict:
+def run_demo(tmp_path: Path, *extra: str, env: dict[str, str] | None = None) -> dict:
     proc = subprocess.run(
         demo_command("--jobs", str(JOBS), "--json", *extra),
-        env=demo_env(tmp_path),
+        env=demo_env(tmp_path, **(env or {})),
         capture_output=True,
         text=True,
         timeout=120,
@@ -86,6 +92,7 @@ def test_demo_on_the_embedded_redis_serves_every_job_and_leaves_nothing_behind(t
     assert summary["workers"] == 1
     assert processes_under(tmp_path) == []
     assert leftovers(tmp_path) == []
+    assert not (tmp_path / "user-cache").exists()
     with pytest.raises(redis.ConnectionError):  # the embedded server is stopped
         redis.Redis.from_url(summary["redis"]["url"], socket_connect_timeout=2).ping()
 
@@ -98,6 +105,31 @@ def test_demo_on_a_given_redis_deletes_its_keys(tmp_path, redis_url, redis_clien
     assert processes_under(tmp_path) == []
     assert leftovers(tmp_path) == []
     assert redis_client.dbsize() == 0  # the demo's namespace is gone, and it wrote nowhere else
+
+
+def test_demo_with_an_s3_store_uploads_the_adapters_and_serves_from_it(tmp_path):
+    from lorafleet.worker.s3_server import S3Server
+    from lorafleet.worker.store import open_store
+
+    server = S3Server.start()
+    try:
+        server.create_bucket("demo-store")
+        settings = server.settings()
+        env = {
+            "LORAFLEET_S3_ENDPOINT": settings.endpoint,
+            "LORAFLEET_S3_ACCESS_KEY": settings.access_key,
+            "LORAFLEET_S3_SECRET_KEY": settings.secret_key,
+            "LORAFLEET_S3_REGION": settings.region or "",
+        }
+        summary = run_demo(tmp_path, "--adapters", "s3://demo-store/adapters", env=env)
+        names = open_store("s3://demo-store/adapters", settings).names()
+    finally:
+        server.stop()
+
+    assert_every_job_served(summary)
+    assert names == [f"demo-{i:02d}" for i in range(ADAPTERS)]  # kept, like an --adapters folder
+    assert processes_under(tmp_path) == []
+    assert leftovers(tmp_path) == []
 
 
 def test_ctrl_c_stops_the_workers_and_removes_the_temporary_files(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import redis
 from minimal_worker import MinimalWorker
 
-from lorafleet.producer import ErrorCode, ErrorReply, JobFailed, Keys, Producer, Result, consumer
+from lorafleet.producer import Chunk, ErrorCode, ErrorReply, JobFailed, Keys, Producer, Result, consumer
 from lorafleet.producer.protocol import decode_job
 from lorafleet.worker.redis_server import embedded_redis_binary
 
@@ -98,6 +98,37 @@ def test_publish_final_answers_acks_and_deletes_once(redis_url, redis_client):
         assert again is False
         assert redis_client.xlen(job.reply_to) == 1
         assert handle.result(5).text == "done"
+
+
+def test_a_reply_batch_streams_chunks_then_answers_each_job_atomically(redis_url, redis_client):
+    with Producer(redis_url) as producer:
+        streamed = producer.submit("s", adapter="a", stream=True)
+        plain = producer.submit("p", adapter="a")
+        first, second = consumer.read_jobs(redis_client, KEYS, ["a"], "w1")
+        jobs = [decode_job(d.payload, KEYS) for d in (first, second)]
+        redis_client.script_flush()  # as after a Redis restart: the batch must load the script itself
+        batch = consumer.ReplyBatch()
+        for seq, text in enumerate(["he", "llo"]):
+            batch.chunk(Chunk(jobs[0].id, seq, (seq + 7,), text), reply_to=jobs[0].reply_to, reply_ttl=30)
+        for delivery, job in zip((first, second), jobs, strict=True):
+            result = Result(id=job.id, text=f"done {job.id}")
+            batch.final(delivery.stream, delivery.entry_id, result, reply_to=job.reply_to, reply_ttl=30)
+        assert len(batch) == 4
+        batch.flush(redis_client)
+        assert len(batch) == 0
+        # answered, acknowledged and deleted, chunks first and in order
+        assert redis_client.xpending(first.stream, KEYS.group)["pending"] == 0
+        assert redis_client.xlen(first.stream) == 0
+        replies = list(streamed.stream(timeout=5))
+        assert [r.text for r in replies[:2]] == ["he", "llo"]
+        assert replies[-1].text == f"done {jobs[0].id}"
+        assert plain.result(5).text == f"done {jobs[1].id}"
+        # a job answered already (by another worker) gets nothing more from a later batch
+        before = redis_client.xlen(jobs[0].reply_to)
+        late = Result(id=jobs[0].id, text="late")
+        batch.final(first.stream, first.entry_id, late, reply_to=jobs[0].reply_to, reply_ttl=30)
+        batch.flush(redis_client)
+        assert redis_client.xlen(jobs[0].reply_to) == before
 
 
 def test_dead_letter_with_and_without_reply(redis_url, redis_client):

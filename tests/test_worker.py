@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 
 import pytest
 import redis
@@ -131,6 +134,20 @@ def test_sigkill_mid_generation_every_job_answered_exactly_once(store, redis_url
     assert all(len(final[0].token_ids) == 120 for final in results.values())
 
 
+def test_a_worker_restarted_mid_run_under_its_own_name_answers_every_job_once(store, redis_url, workers):
+    first = workers("phoenix")
+    specs = [dict(prompt_ids=[6, 7, i + 3], adapter=ADAPTERS[i % 2], max_new_tokens=80, ignore_eos=True,
+                  temperature=0.0, stream=True) for i in range(4)]  # fmt: skip
+    with Producer(redis_url) as producer:
+        handles = producer.submit_many(specs)
+        assert isinstance(next(handles[0].stream(timeout=120)), Chunk)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        workers("phoenix")  # the same consumer name: its own pending jobs come back to it
+        finals = {h.id: [x for x in h.stream(timeout=180) if isinstance(x, Result)] for h in handles}
+    assert all(len(final) == 1 and len(final[0].token_ids) == 80 for final in finals.values())
+
+
 def test_sigterm_drains_in_flight_jobs(store, redis_url, workers):
     worker = workers("drainer")
     with Producer(redis_url) as producer:
@@ -191,10 +208,25 @@ def test_cancel_stops_a_running_job(store, redis_url, workers):
         assert failure.value.code == ErrorCode.CANCELLED
 
 
-def test_status_shows_the_fleet(store, redis_url, workers):
-    workers("observed")
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metric(text, name):
+    """The value of one sample of the Prometheus text `text` (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_status_shows_the_fleet_and_metrics_are_served(store, redis_url, workers):
+    port = free_port()
+    workers("observed", "--metrics-port", str(port))
     with Producer(redis_url) as producer:
-        producer.submit(prompt_ids=[5, 6], adapter="team-2", max_new_tokens=3).result(timeout=120)
+        result = producer.submit(prompt_ids=[5, 6], adapter="team-2", max_new_tokens=3).result(timeout=120)
     time.sleep(1.5)  # one heartbeat after the job
     out = subprocess.run(
         [sys.executable, "-m", "lorafleet.producer.cli", "status", "--redis-url", redis_url],
@@ -202,6 +234,14 @@ def test_status_shows_the_fleet(store, redis_url, workers):
     )  # fmt: skip
     assert "observed" in out.stdout
     assert "team-2" in out.stdout
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert metric(text, "lorafleet_queue_wait_seconds_count") == 1
+    assert metric(text, "lorafleet_ttft_seconds_count") == 1
+    assert metric(text, "lorafleet_tokens_total") == result.usage.completion_tokens
+    assert metric(text, 'lorafleet_adapter_loads_total{adapter="team-2"}') == 1
+    assert metric(text, 'lorafleet_adapter_resident{adapter="team-2"}') == 1
+    assert metric(text, 'lorafleet_jobs_total{adapter="team-2"}') == 1
+    assert metric(text, "lorafleet_batch_size_count") >= 1
 
 
 def test_a_job_delivered_too_often_goes_to_the_dead_letter_stream_with_an_error_reply(
@@ -222,3 +262,121 @@ def test_a_job_delivered_too_often_goes_to_the_dead_letter_stream_with_an_error_
     dead = client.xrange(keys.dead)
     assert len(dead) == 1
     assert client.xpending(stream, keys.group)["pending"] == 0  # acknowledged, not left pending
+
+
+# ----- in process, turn by turn: the worker loop's decisions without the races of a subprocess -----
+
+
+@pytest.fixture
+def inproc(store, redis_url, tmp_path, monkeypatch):
+    """make(**settings) -> a Worker in this process (2 adapter slots, batch 6); shut down at teardown."""
+    from lorafleet.worker.config import WorkerConfig
+    from lorafleet.worker.service import Worker
+
+    monkeypatch.setenv("LORAFLEET_CACHE_DIR", str(tmp_path / "cache"))
+    made = []
+
+    def make(**settings):
+        model, adapters = store
+        options = dict(adapters=str(adapters), name="inproc", max_loras=2, max_batch=6, kv_cache_tokens=4096)
+        config = WorkerConfig(model=str(model), redis_url=redis_url, **{**options, **settings})
+        made.append(Worker(config))
+        return made[-1]
+
+    yield make
+    for worker in made:
+        worker._shutdown()
+
+
+def turn_until(worker, done, timeout=120.0):
+    """Run loop turns until done(); a turn that raises is what the loop would log and retry forever."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, "timed out"
+        worker.turn()
+
+
+def test_cold_adapters_fetched_together_never_overfill_the_adapter_slots(
+    store, redis_url, inproc, monkeypatch
+):
+    """Every first job of an adapter waits for its fetch (parked); the slot its load took must stay
+    taken meanwhile, or later plans load more adapters than there are slots (the worker then failed
+    every turn with "3 adapters resident in 2 adapter_slots")."""
+    worker = inproc()
+    store_open = threading.Event()  # fetches wait for it: a slow store
+    fetch = worker.adapters._fetch
+    monkeypatch.setattr(worker.adapters, "_fetch", lambda load: (store_open.wait(30), fetch(load)))
+    keys = Keys()
+    client = redis.Redis.from_url(redis_url, protocol=2)
+    specs = [
+        dict(prompt_ids=[5, 6, 3 + i], adapter=ADAPTERS[i // 2], max_new_tokens=3, temperature=0.0)
+        for i in range(10)
+    ]
+
+    def answered():
+        assert len(worker.engine.resident_adapters) <= 2
+        return not any(client.xlen(keys.jobs(a)) for a in ADAPTERS)
+
+    try:
+        with Producer(redis_url) as producer:
+            handles = producer.submit_many(specs)
+            for _ in range(20):
+                worker.turn()
+            assert len({p.job.adapter for p in worker.parked.values()}) == 2  # one per adapter slot
+            store_open.set()
+            turn_until(worker, answered)
+            results = [h.result(timeout=10) for h in handles]
+    finally:
+        store_open.set()
+    for spec, result in zip(specs, results, strict=True):
+        assert list(result.token_ids) == expected_tokens(store, spec["prompt_ids"], spec["adapter"], 3)
+
+
+def test_deadline_stops_a_running_job_at_the_next_step(redis_url, inproc):
+    worker = inproc()
+    with Producer(redis_url) as producer:
+        handle = producer.submit(prompt_ids=[5, 6, 7], max_new_tokens=400, ignore_eos=True, stream=True,
+                                 temperature=0.0, timeout=3.0)  # fmt: skip
+        turn_until(worker, lambda: any(j.token_ids for j in worker.running.values()))
+        time.sleep(max(0.0, handle.job.deadline - time.time()) + 0.05)
+        turn_until(worker, lambda: not worker.running and not worker.engine.has_unfinished(), timeout=30)
+        chunks: list[Chunk] = []
+        with pytest.raises(JobFailed) as failure:
+            chunks.extend(handle.stream(timeout=10))  # the chunks, then the error reply raises
+    assert failure.value.code == ErrorCode.DEADLINE_EXCEEDED
+    assert 1 <= sum(len(c.token_ids) for c in chunks) < 400  # it ran, and stopped early
+
+
+def test_an_adapter_that_cannot_be_loaded_gets_adapter_invalid_and_the_worker_goes_on(
+    store, redis_url, inproc, tmp_path
+):
+    model, _ = store
+    adapters = tmp_path / "adapters"
+    synthetic.write_adapter(adapters / "oversized", model, rank=80, seed=1)  # above max_rank 64
+    synthetic.write_adapter(adapters / "fine", model, rank=4, seed=2)
+    worker = inproc(adapters=str(adapters))
+    with Producer(redis_url) as producer:
+        broken = producer.submit(prompt_ids=[5, 6], adapter="oversized", max_new_tokens=3)
+        good = producer.submit(prompt_ids=[5, 6], adapter="fine", max_new_tokens=3)
+        client = redis.Redis.from_url(redis_url, protocol=2)
+        turn_until(worker, lambda: not any(client.xlen(Keys().jobs(a)) for a in ("oversized", "fine")))
+        with pytest.raises(JobFailed) as failure:
+            broken.result(timeout=60)
+        assert failure.value.code == ErrorCode.ADAPTER_INVALID
+        assert "rank" in str(failure.value)
+        assert isinstance(good.result(timeout=10), Result)
+
+
+def test_a_drain_hands_back_jobs_still_waiting_for_their_adapter(redis_url, inproc, monkeypatch):
+    worker = inproc(drain_timeout=0.3)
+    monkeypatch.setattr(worker, "_adapter_ready", lambda adapter_id: None)  # a fetch that never ends
+    client = redis.Redis.from_url(redis_url, protocol=2)
+    with Producer(redis_url) as producer:
+        handle = producer.submit(prompt_ids=[5, 6], adapter="team-0", max_new_tokens=3, temperature=0.0)
+        turn_until(worker, lambda: worker.parked)
+        worker._on_signal(signal.SIGTERM, None)
+        turn_until(worker, lambda: not worker.parked, timeout=10)  # past the drain timeout: handed back
+        assert worker.turn() is False  # idle: the loop ends
+        rescuer = inproc(name="rescuer")
+        turn_until(rescuer, lambda: client.xlen(Keys().jobs("team-0")) == 0)
+        assert handle.result(timeout=10).worker == "rescuer"

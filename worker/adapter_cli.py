@@ -128,6 +128,7 @@ def _push(args: argparse.Namespace) -> int:
     from lorafleet.producer.keys import check_adapter_name
     from lorafleet.worker.adapters import AdapterError
     from lorafleet.worker.control_client import push_adapter, wait_for_verdict
+    from lorafleet.worker.store import StoreError
 
     try:
         check_adapter_name(args.name)
@@ -139,6 +140,8 @@ def _push(args: argparse.Namespace) -> int:
         pushed = push_adapter(Path(args.directory), args.name, store, ctx.registry, ctx.queue())
     except AdapterError as exc:
         return _fail(f"rejected: {exc}")
+    except StoreError as exc:  # the store is down or refuses the upload: nothing was registered
+        return _fail(f"error: upload failed: {exc}")
     if pushed.job_id is None:
         print(f"ready {pushed.adapter_id} (already validated; now current)")
         return EXIT_OK
@@ -236,6 +239,7 @@ def _show(args: argparse.Namespace) -> int:
 def _rm(args: argparse.Namespace) -> int:
     from lorafleet.producer.keys import check_adapter_name
     from lorafleet.worker.control_client import remove_adapter
+    from lorafleet.worker.store import StoreError
 
     try:
         check_adapter_name(args.name)
@@ -243,7 +247,13 @@ def _rm(args: argparse.Namespace) -> int:
         store = ctx.store()
     except ValueError as exc:
         return _fail(f"error: {exc}", EXIT_USAGE)
-    known, deleted = remove_adapter(args.name, store, ctx.registry)
+    try:
+        known, deleted = remove_adapter(args.name, store, ctx.registry)
+    except StoreError as exc:  # the registry entry is gone already: new jobs for it fail
+        return _fail(
+            f"error: {args.name} is removed from the registry, but its files are still in the store "
+            f"({exc}); run `lorafleet adapters rm {args.name}` again to delete them"
+        )
     if not known and not deleted:
         return _fail(f"no adapter {args.name!r}")
     print(f"removed {args.name} ({deleted} files deleted from the store)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from lorafleet.worker.adapter_cli import register as register_adapter_commands
+from lorafleet.worker.model_cli import register as register_model_commands
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -16,6 +17,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     _register_demo(commands)
     _register_worker(commands)
     register_adapter_commands(commands)
+    register_model_commands(commands)
     status = commands.add_parser(
         "status", help="print the fleet: workers, adapters, waiting jobs, dead letters"
     )
@@ -29,8 +31,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 # Flags of `lorafleet worker`: (flag, WorkerConfig field, type, help). Each also reads LORAFLEET_<FIELD>.
 _WORKER_FLAGS: list[tuple[str, type, str]] = [
     ("redis-url", str, "Redis URL (default redis://127.0.0.1:6379/0)"),
-    ("model", str, "base model: a Hugging Face model directory (required)"),
-    ("adapters", str, "adapter folder: one PEFT adapter per sub-folder, named by adapter id (required)"),
+    ("model", str, "base model: a Hugging Face model directory, file:// or s3://bucket/prefix (required)"),
+    ("adapters", str, "adapter store: a folder, file:// or s3://bucket/prefix (required)"),
     ("name", str, "worker id in the fleet directory (default host-pid-random)"),
     ("device", str, "cpu or cuda[:N] (default cpu)"),
     ("dtype", str, "auto, float32, float16 or bfloat16 (default auto: bf16 on cuda, fp32 on cpu)"),

@@ -9,15 +9,17 @@ The steps, in the order `run_demo` takes them:
    the one at --redis-url. The demo's keys live in a namespace of their own (`lorafleet-demo-*`).
 2. Files: a synthetic model (or --model DIR) and --adapters-count synthetic adapters of mixed ranks
    written into the adapter folder (a temporary one, or --adapters DIR) in the plain layout that
-   workers read: NAME/adapter_config.json + NAME/adapter_model.safetensors.
-3. Workers: real `lorafleet worker` processes, each with its Prometheus endpoint on a free port.
+   workers read: NAME/adapter_config.json + NAME/adapter_model.safetensors. With --adapters
+   s3://bucket/prefix they are uploaded there (LORAFLEET_S3_* settings) and the workers read that store.
+3. Workers: real `lorafleet worker` processes, each with its Prometheus endpoint on a free port and
+   its disk cache of adapters in the run's temporary folder.
 4. Jobs: --jobs jobs through the Producer, adapters picked with Zipf-like popularity, greedy and
    --max-new-tokens long, answered under a live progress bar.
 5. Summary: the producer's figures plus the workers' adapter loads and hits from their metrics.
 
 Everything it started is stopped and removed on the way out, also on Ctrl-C, SIGTERM or an error:
 workers get SIGTERM and drain, the embedded Redis stops (with --redis-url the demo's keys are
-deleted), temporary folders go. Adapters written into an --adapters folder are kept.
+deleted), temporary folders go. Adapters written into an --adapters folder or store are kept.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ class DemoConfig:
     adapters_count: int = 8
     workers: int = 1
     redis_url: str | None = None  # None: start the embedded server
-    adapters: str | None = None  # adapter folder to write into; None: a temporary one
+    adapters: str | None = None  # adapter folder or s3:// store to write into; None: a temporary folder
     model: str | None = None  # a Hugging Face model directory; None: a synthetic model
     arch: str = "llama"  # synthetic model family
     size: str = "tiny"  # synthetic model size
@@ -137,7 +139,8 @@ class DemoRun:
     redis_url: str = ""
     redis_info: dict[str, Any] = field(default_factory=dict)
     model_dir: Path | None = None
-    adapter_dir: Path | None = None
+    adapter_dir: Path | None = None  # where the adapters are written
+    adapter_store: str = ""  # what the workers read them from: adapter_dir, or the --adapters s3:// URI
     adapter_names: list[str] = field(default_factory=list)
     workers: list[WorkerProcess] = field(default_factory=list)
 
@@ -310,7 +313,8 @@ def write_files(run: DemoRun) -> None:
         run.model_dir = Path(config.model)
         if not (run.model_dir / "config.json").is_file():
             raise DemoError(f"--model {config.model}: no config.json there (a Hugging Face model directory?)")
-    run.adapter_dir = Path(config.adapters) if config.adapters else run.root / "adapters"
+    store_uri = config.adapters if config.adapters and config.adapters.startswith("s3://") else None
+    run.adapter_dir = Path(config.adapters) if config.adapters and not store_uri else run.root / "adapters"
     for i in range(config.adapters_count):
         name = f"demo-{i:02d}"
         targets = synthetic.ALL_TARGETS if i % 2 == 0 else ("q_proj", "v_proj")
@@ -322,6 +326,24 @@ def write_files(run: DemoRun) -> None:
         except (OSError, ValueError, KeyError) as exc:
             raise DemoError(f"could not write adapter {name} for {run.model_dir}: {exc}") from None
         run.adapter_names.append(name)
+    if store_uri is not None:
+        upload_adapters(run, store_uri)
+    run.adapter_store = store_uri or str(run.adapter_dir)
+
+
+def upload_adapters(run: DemoRun, uri: str) -> None:
+    """Upload the written adapters to the store at `uri`, in the plain layout the workers read."""
+    from lorafleet.worker.adapter_files import ADAPTER_FILES, plain_key
+    from lorafleet.worker.store import StoreError, open_store
+
+    assert run.adapter_dir is not None
+    try:
+        store = open_store(uri)
+        for name in run.adapter_names:
+            for filename in ADAPTER_FILES:
+                store.put_file(plain_key(name, filename), run.adapter_dir / name / filename)
+    except (StoreError, ValueError) as exc:
+        raise DemoError(f"could not upload the adapters to {uri}: {exc}") from None
 
 
 def _model_label(run: DemoRun) -> str:
@@ -367,11 +389,12 @@ def _spawn_worker(run: DemoRun, name: str) -> WorkerProcess:
     args = [
         sys.executable, "-m", "lorafleet.producer.cli", "worker",
         "--redis-url", run.redis_url, "--namespace", run.keys.namespace, "--name", name,
-        "--model", str(run.model_dir), "--adapters", str(run.adapter_dir), "--device", run.device,
+        "--model", str(run.model_dir), "--adapters", run.adapter_store, "--device", run.device,
         "--max-batch", str(config.max_batch), "--metrics-port", str(port),
         "--drain-timeout", str(DRAIN_TIMEOUT_S),
     ]  # fmt: skip
-    env = dict(os.environ)
+    # The demo's adapter versions are throwaway: cache them in the run's folder, not ~/.cache/lorafleet.
+    env = {**os.environ, "LORAFLEET_CACHE_DIR": str(run.root / "cache")}
     if run.device == "cpu" and config.workers > 1:  # share the cores: oversubscribed threads crawl
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // config.workers))
     log = run.root / f"{name}.log"

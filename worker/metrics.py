@@ -1,5 +1,5 @@
 """Prometheus metrics of a worker: queue wait, time to first token, step time, batch size, adapter
-loads, hits and residency, redeliveries, dead letters, errors by code."""
+loads, hits, evictions and residency, redeliveries, dead letters, errors by code."""
 
 from __future__ import annotations
 
@@ -40,6 +40,9 @@ class Metrics:
         self.adapter_hits = Counter(
             "lorafleet_adapter_hits", "jobs whose adapter was in memory", ["adapter"], registry=r
         )
+        self.adapter_evictions = Counter(
+            "lorafleet_adapter_evictions", "adapters that left a GPU slot", ["adapter"], registry=r
+        )
         self.residency = Gauge(
             "lorafleet_adapter_resident", "1 while the adapter holds a GPU slot", ["adapter"], registry=r
         )
@@ -52,10 +55,11 @@ class Metrics:
             start_http_server(port, registry=r)
 
     def set_residency(self, adapters: Iterable[str]) -> None:
-        """Set the residency gauge to exactly `adapters`."""
+        """Set the residency gauge to exactly `adapters`; each adapter that left counts as an eviction."""
         now = set(adapters)
         for gone in self._resident - now:
             self.residency.labels(adapter=gone).set(0)
+            self.adapter_evictions.labels(adapter=gone).inc()
         for name in now:
             self.residency.labels(adapter=name).set(1)
         self._resident = now

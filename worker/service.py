@@ -23,8 +23,8 @@ import structlog
 
 from lorafleet.producer.consumer import (
     Delivery,
+    ReplyBatch,
     dead_letter,
-    publish_chunk,
     publish_final,
     read_jobs,
     reject,
@@ -128,6 +128,7 @@ class Worker:
         self.running: dict[str, RunningJob] = {}  # request id (= stream entry) -> job
         # "stream entry-id" -> job waiting for its adapter (entry ids repeat across job streams)
         self.parked: dict[str, ParkedJob] = {}
+        self._replies: ReplyBatch | None = None  # set while an engine step's replies are gathered
         self._engine_key: dict[str, str] = {}  # adapter id -> engine key (name@version) it last ran on
         self.resident: dict[str, ResidentAdapter] = {}
         self.draining = False
@@ -208,7 +209,11 @@ class Worker:
             AdapterQueue(adapter_of_queue(q), oldest, max(1, int(n) - self._running_on(q)))
             for (q, oldest), n in zip(waiting, lengths, strict=True)
         ]
-        local = LocalState(free_slots=free, adapter_slots=self.config.max_loras, adapters=dict(self.resident))
+        adapters = self._local_adapters()
+        # Jobs claimed from dead workers start without a plan and may oversubscribe the slots: then
+        # none is free (the engine runs the excess as slots free up), only idle ones are evicted.
+        slots = max(self.config.max_loras, len(adapters))
+        local = LocalState(free_slots=free, adapter_slots=slots, adapters=adapters)
         held = fleet.leases(self.redis, self.keys, [q for q, _ in waiting])
         view = FleetView(
             resident=self._fleet_view.resident,
@@ -224,12 +229,36 @@ class Worker:
             if admission.evict is not None:
                 self.engine.evict_adapter(self._engine_key.get(admission.evict, admission.evict))
                 self.resident.pop(admission.evict, None)
+            if admission.load and admission.adapter is not None:
+                # The slot is taken from now on, also while its jobs wait for the adapter's fetch.
+                self.resident.setdefault(admission.adapter, ResidentAdapter(0, now, now))
             for delivery in read_jobs(
                 self.redis, self.keys, [queue], self.config.name, count=admission.max_jobs
             ):
                 self.accept(delivery, now)
                 took = True
         return took
+
+    def _local_adapters(self) -> dict[str, ResidentAdapter]:
+        """This worker's adapter slots as the scheduler sees them: loaded or loading.
+
+        Jobs parked for their adapter count as running, so that the slot a load reserved for them is
+        neither given to another adapter nor evicted while the fetch is under way. An entry with no
+        job here and no device slot any more (its load found nothing to run, or the engine replaced
+        it) is dropped: that slot is free.
+        """
+        parked: dict[str, int] = {}
+        for p in self.parked.values():
+            if p.job.adapter is not None:
+                parked[p.job.adapter] = parked.get(p.job.adapter, 0) + 1
+        in_slots = set(self.engine.resident_adapters)
+        for adapter, entry in list(self.resident.items()):
+            if entry.running <= 0 and adapter not in parked and self._engine_key.get(adapter) not in in_slots:
+                del self.resident[adapter]
+        return {
+            adapter: ResidentAdapter(entry.running + parked.get(adapter, 0), entry.loaded_at, entry.last_used)
+            for adapter, entry in self.resident.items()
+        }
 
     def _running_on(self, queue: str) -> int:
         running = sum(1 for j in self.running.values() if j.delivery.queue == queue)
@@ -363,6 +392,11 @@ class Worker:
         self._final(delivery, job, reply)
 
     def _final(self, delivery: Delivery, job: Job, reply: Reply) -> None:
+        if self._replies is not None:  # inside an engine step: sent with the step's other replies
+            self._replies.final(
+                delivery.stream, delivery.entry_id, reply, reply_to=job.reply_to, reply_ttl=job.reply_ttl
+            )
+            return
         publish_final(
             self.redis,
             delivery.stream,
@@ -381,15 +415,21 @@ class Worker:
         self.metrics.batch_size.observe(self.engine.num_running)
         now = time.time()
         tokens = 0
-        for output in outputs:
-            job = self.running.get(output.request_id)
-            if job is None:
-                continue
-            tokens += len(output.new_token_ids)
-            self._on_tokens(job, output, now)
-            if output.finished:
-                self._finish(output.request_id, job, now)
+        self._replies = ReplyBatch()  # the step's chunks and final replies: one round trip
+        try:
+            for output in outputs:
+                job = self.running.get(output.request_id)
+                if job is None:
+                    continue
+                tokens += len(output.new_token_ids)
+                self._on_tokens(job, output, now)
+                if output.finished:
+                    self._finish(output.request_id, job, now)
+        finally:
+            replies, self._replies = self._replies, None
+            replies.flush(self.redis)
         self._tokens_window.append((now, tokens))
+        self.metrics.tokens.inc(tokens)
 
     def _on_tokens(self, job: RunningJob, output: StepOutput, now: float) -> None:
         if not output.new_token_ids:
@@ -402,7 +442,8 @@ class Worker:
             text = self._decode(job.token_ids)
             delta, job.sent_text = text[len(job.sent_text) :], text
             chunk = Chunk(job.job.id, job.chunk_seq, tuple(output.new_token_ids), delta)
-            publish_chunk(self.redis, chunk, reply_to=job.job.reply_to, reply_ttl=job.job.reply_ttl)
+            assert self._replies is not None  # tokens arrive only inside a step
+            self._replies.chunk(chunk, reply_to=job.job.reply_to, reply_ttl=job.job.reply_ttl)
             job.chunk_seq += 1
 
     def _decode(self, token_ids: list[int]) -> str:
@@ -447,6 +488,9 @@ class Worker:
             for rid, job in self.running.items():
                 if job.abort_code is None:
                     self.engine.abort(rid)
+            for parked in self.parked.values():  # still waiting for an adapter: hand back too
+                release(self.redis, self.keys, parked.delivery, self.config.visibility_timeout)
+            self.parked.clear()
         if now >= self._next["heartbeat"]:
             self._next["heartbeat"] = now + self.config.heartbeat_interval
             self._heartbeat(now)
