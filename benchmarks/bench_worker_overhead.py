@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 from common import RESULTS_DIR, print_table, write_results
 
 from lorafleet.producer import Producer
@@ -97,6 +98,9 @@ def main() -> int:
     parser.add_argument("--stream", action="store_true", help="jobs stream their tokens (a chunk per step)")
     args = parser.parse_args()
     configure_logging("info")  # as `lorafleet worker` does: JSON lines on stderr
+    # One compute thread: torch's idle threads spin after each CPU forward and would slow the single-
+    # threaded loop work measured here, which a GPU worker's host does not suffer.
+    torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp_name:
         tmp = Path(tmp_name)
         model = synthetic.write_model(tmp / "model", "llama", "tiny")

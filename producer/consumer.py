@@ -198,11 +198,15 @@ class ReplyBatch:
             ("final", (stream, reply_to, group, entry_id, encode_reply(reply), reply_ttl * 1000))
         )
 
-    def flush(self, r: redis.Redis) -> None:
-        """Send everything queued in one pipeline and empty the batch."""
+    def flush(self, r: redis.Redis, read_keys: Sequence[str] = ()) -> list[Any]:
+        """Send everything queued in one pipeline and empty the batch.
+
+        `read_keys` are read (MGET) in the same round trip, after the replies: a worker reads the
+        cancel markers of its running jobs this way. Returns their values (None where absent).
+        """
         ops, self._ops = self._ops, []
-        if not ops:
-            return
+        if not ops and not read_keys:
+            return []
         pipe = r.pipeline(transaction=False)
         for kind, args in ops:
             if kind == "chunk":
@@ -211,6 +215,8 @@ class ReplyBatch:
                 pipe.expire(reply_to, ttl)
             else:
                 pipe.evalsha(_FINAL.sha, 2, *args)
+        if read_keys:
+            pipe.mget(list(read_keys))
         results = iter(pipe.execute(raise_on_error=False))
         for kind, args in ops:
             outcome = [next(results), next(results)] if kind == "chunk" else [next(results)]
@@ -219,6 +225,12 @@ class ReplyBatch:
                     _run(r, _FINAL, args[:2], args[2:])
                 elif isinstance(value, Exception):
                     raise value
+        if not read_keys:
+            return []
+        values = next(results)
+        if isinstance(values, Exception):
+            raise values
+        return list(values)
 
 
 def dead_letter(

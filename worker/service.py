@@ -129,6 +129,7 @@ class Worker:
         # "stream entry-id" -> job waiting for its adapter (entry ids repeat across job streams)
         self.parked: dict[str, ParkedJob] = {}
         self._replies: ReplyBatch | None = None  # set while an engine step's replies are gathered
+        self._cancel_markers: dict[str, Any] | None = None  # running jobs' cancel markers, read with them
         self._engine_key: dict[str, str] = {}  # adapter id -> engine key (name@version) it last ran on
         self.resident: dict[str, ResidentAdapter] = {}
         self.draining = False
@@ -427,7 +428,11 @@ class Worker:
                     self._finish(output.request_id, job, now)
         finally:
             replies, self._replies = self._replies, None
-            replies.flush(self.redis)
+            # The cancel markers of the jobs still running ride along: the next turn's check needs no
+            # round trip of its own.
+            running = list(self.running.items())
+            markers = replies.flush(self.redis, [self.keys.cancel(job.job.id) for _, job in running])
+            self._cancel_markers = {rid: marker for (rid, _), marker in zip(running, markers, strict=True)}
         self._tokens_window.append((now, tokens))
         self.metrics.tokens.inc(tokens)
 
@@ -502,10 +507,14 @@ class Worker:
             self._recover(now)
 
     def _check_cancel_and_deadlines(self, now: float) -> None:
+        read, self._cancel_markers = self._cancel_markers, None
         if not self.running:
             return
         jobs = list(self.running.items())
-        cancelled = self.redis.mget([self.keys.cancel(j.job.id) for _, j in jobs])
+        if read is not None and all(rid in read for rid, _ in jobs):  # read with the last step's replies
+            cancelled = [read[rid] for rid, _ in jobs]
+        else:
+            cancelled = self.redis.mget([self.keys.cancel(j.job.id) for _, j in jobs])
         for (rid, job), marker in zip(jobs, cancelled, strict=True):
             if job.abort_code is not None:
                 continue
