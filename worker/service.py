@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,7 @@ from lorafleet.producer.protocol import (
 from lorafleet.worker import fleet
 from lorafleet.worker.adapter_manager import AdapterManager, AdapterNotFound, AdapterPending
 from lorafleet.worker.config import WorkerConfig
+from lorafleet.worker.detokenize import IncrementalDecoder
 from lorafleet.worker.engine import Engine, PromptTooLong
 from lorafleet.worker.metrics import Metrics
 from lorafleet.worker.model_store import fetch_model
@@ -86,7 +88,7 @@ class RunningJob:
     adapter_load: float
     first_token_at: float | None = None
     chunk_seq: int = 0
-    sent_text: str = ""
+    decoder: IncrementalDecoder | None = None  # the text of streamed chunks
     abort_code: ErrorCode | None = None  # why it was aborted: cancelled, deadline; None = hand back
     token_ids: list[int] = field(default_factory=list)
     engine_key: str | None = None  # the adapter version it runs on (name@version)
@@ -444,14 +446,15 @@ class Worker:
             self.metrics.ttft.observe(now - job.delivery.enqueued_at)
         job.token_ids.extend(output.new_token_ids)
         if job.job.stream and not output.finished:
-            text = self._decode(job.token_ids)
-            delta, job.sent_text = text[len(job.sent_text) :], text
+            if job.decoder is None:
+                job.decoder = IncrementalDecoder(self._decode)
+            delta = job.decoder.delta(job.token_ids)
             chunk = Chunk(job.job.id, job.chunk_seq, tuple(output.new_token_ids), delta)
             assert self._replies is not None  # tokens arrive only inside a step
             self._replies.chunk(chunk, reply_to=job.job.reply_to, reply_ttl=job.job.reply_ttl)
             job.chunk_seq += 1
 
-    def _decode(self, token_ids: list[int]) -> str:
+    def _decode(self, token_ids: Sequence[int]) -> str:
         tokenizer = self.engine.tokenizer
         return "" if tokenizer is None else str(tokenizer.decode(token_ids, skip_special_tokens=True))
 
