@@ -187,13 +187,10 @@ class DecoderModel:
         k = self._linear(x, layer, "self_attn", "k_proj", batch, slots).view(kv_shape)
         v = self._linear(x, layer, "self_attn", "v_proj", batch, slots).view(kv_shape)
         if spec.qk_norm:  # per head: rows of head_dim
-            q = rms_norm(q.view(-1, spec.head_dim), self._w(layer, "self_attn.q_norm.weight"), spec.rms_eps)[
-                0
-            ]
-            k = rms_norm(k.view(-1, spec.head_dim), self._w(layer, "self_attn.k_norm.weight"), spec.rms_eps)[
-                0
-            ]
-            q, k = q.view(q_shape), k.view(kv_shape)
+            q_norm = self._w(layer, "self_attn.q_norm.weight")
+            k_norm = self._w(layer, "self_attn.k_norm.weight")
+            q = rms_norm(q.view(-1, spec.head_dim), q_norm, spec.rms_eps)[0].view(q_shape)
+            k = rms_norm(k.view(-1, spec.head_dim), k_norm, spec.rms_eps)[0].view(kv_shape)
         q, k = apply_rotary(q, k, cos, sin)  # cos, sin: [N, D]
         k_cache, v_cache = cache.k[layer], cache.v[layer]
         write_kv(k_cache, v_cache, k, v, batch)
