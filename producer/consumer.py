@@ -141,10 +141,9 @@ def is_cancelled(r: redis.Redis, keys: Keys, job_id: str) -> bool:
 
 def publish_chunk(r: redis.Redis, chunk: Chunk, *, reply_to: str, reply_ttl: int) -> None:
     """Append a streamed chunk to the reply stream and refresh its expiry (one round trip)."""
-    pipe = r.pipeline(transaction=False)
-    pipe.xadd(reply_to, {REPLY_FIELD: encode_reply(chunk)})
-    pipe.expire(reply_to, reply_ttl)
-    pipe.execute()
+    batch = ReplyBatch()
+    batch.chunk(chunk, reply_to=reply_to, reply_ttl=reply_ttl)
+    batch.flush(r)
 
 
 def publish_final(
@@ -162,7 +161,14 @@ def publish_final(
     Returns False (and writes nothing) when the entry was no longer pending: another worker that
     claimed it has answered already.
     """
-    return bool(_run(r, _FINAL, [stream, reply_to], [group, entry_id, encode_reply(reply), reply_ttl * 1000]))
+    return bool(_run(r, _FINAL, *_final_call(stream, entry_id, reply, reply_to, reply_ttl, group)))
+
+
+def _final_call(
+    stream: str, entry_id: str, reply: Reply, reply_to: str, reply_ttl: int, group: str
+) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of the FINAL script."""
+    return [stream, reply_to], [group, entry_id, encode_reply(reply), reply_ttl * 1000]
 
 
 class ReplyBatch:
@@ -194,9 +200,7 @@ class ReplyBatch:
         group: str = Keys.GROUP,
     ) -> None:
         """Queue a final reply (as `publish_final`)."""
-        self._ops.append(
-            ("final", (stream, reply_to, group, entry_id, encode_reply(reply), reply_ttl * 1000))
-        )
+        self._ops.append(("final", _final_call(stream, entry_id, reply, reply_to, reply_ttl, group)))
 
     def flush(self, r: redis.Redis, read_keys: Sequence[str] = ()) -> list[Any]:
         """Send everything queued in one pipeline and empty the batch.
@@ -214,7 +218,8 @@ class ReplyBatch:
                 pipe.xadd(reply_to, {REPLY_FIELD: payload})
                 pipe.expire(reply_to, ttl)
             else:
-                pipe.evalsha(_FINAL.sha, 2, *args)
+                keys, argv = args
+                pipe.evalsha(_FINAL.sha, len(keys), *keys, *argv)
         if read_keys:
             pipe.mget(list(read_keys))
         results = iter(pipe.execute(raise_on_error=False))
@@ -222,7 +227,7 @@ class ReplyBatch:
             outcome = [next(results), next(results)] if kind == "chunk" else [next(results)]
             for value in outcome:
                 if isinstance(value, NoScriptError):  # a restarted server: EVAL loads the script
-                    _run(r, _FINAL, args[:2], args[2:])
+                    _run(r, _FINAL, *args)
                 elif isinstance(value, Exception):
                     raise value
         if not read_keys:
