@@ -156,7 +156,10 @@ class AsyncProducer:
 
     async def cancel(self, job_id: str) -> None:
         """Set the job's cancel marker (for `cancel_ttl` seconds)."""
-        await self.redis.set(self.keys.cancel(job_id), b"1", ex=self.config.cancel_ttl)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(self.keys.cancel(job_id), b"1", ex=self.config.cancel_ttl)
+        pipe.incr(self.keys.cancels)  # after the marker: a worker that sees the bump finds the marker
+        await pipe.execute()
 
     async def aclose(self) -> None:
         """Delete the replies already read and close the connections."""

@@ -205,7 +205,10 @@ class Producer:
 
     def cancel(self, job_id: str) -> None:
         """Set the job's cancel marker (for `cancel_ttl` seconds); workers answer `cancelled`."""
-        self.redis.set(self.keys.cancel(job_id), b"1", ex=self.config.cancel_ttl)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(self.keys.cancel(job_id), b"1", ex=self.config.cancel_ttl)
+        pipe.incr(self.keys.cancels)  # after the marker: a worker that sees the bump finds the marker
+        pipe.execute()
 
     def close(self) -> None:
         """Delete the replies already read and close the connections."""

@@ -127,6 +127,7 @@ class Keys:
     Per client and per job:
         reply(client_id)  ``{ns}:reply:{client_id}``  stream of replies to one client, expiring when idle
         cancel(job_id)    ``{ns}:cancel:{job_id}``    string with a TTL: the job is cancelled
+        cancels           ``{ns}:cancels``            integer, incremented after each cancel marker is set
         job(job_id)       ``{ns}:job:{job_id}``       string with a TTL: idempotency key, holds the entry id
     Fleet directory (written by workers):
         workers           ``{ns}:workers``            sorted set: worker id -> unix time of its last heartbeat
@@ -208,6 +209,11 @@ class Keys:
     def cancel(self, job_id: str) -> str:
         """Cancel marker of a job."""
         return f"{self.namespace}:cancel:{check_job_id(job_id)}"
+
+    @property
+    def cancels(self) -> str:
+        """Counter bumped after each cancel marker: workers read it instead of every running job's marker."""
+        return f"{self.namespace}:cancels"
 
     def job(self, job_id: str) -> str:
         """Idempotency key of a job id."""

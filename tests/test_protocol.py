@@ -324,7 +324,7 @@ def test_docs_publish_the_scripts_verbatim(name):
 def test_docs_name_every_key():
     text = DOC.read_text()
     keys = Keys("{ns}")
-    for key in (keys.jobs_of_queue("{queue}"), keys.waiting, keys.queues, keys.wake, keys.dead):
+    for key in (keys.jobs_of_queue("{queue}"), keys.waiting, keys.queues, keys.wake, keys.dead, keys.cancels):
         assert f"`{key}`" in text
     for pattern in ("{ns}:reply:{client_id}", "{ns}:cancel:{job_id}", "{ns}:job:{job_id}", "`workers`"):
         assert pattern in text

@@ -347,6 +347,36 @@ def test_deadline_stops_a_running_job_at_the_next_step(redis_url, inproc):
     assert 1 <= sum(len(c.token_ids) for c in chunks) < 400  # it ran, and stopped early
 
 
+def test_a_cancel_stops_a_running_job_at_the_next_step_and_a_bare_marker_within_the_poll(redis_url, inproc):
+    """Producer.cancel bumps {ns}:cancels: the job stops at the next step, with no marker reads in
+    between. A producer that only sets the marker (older or hand-written) is honoured within the poll."""
+    from lorafleet.worker.service import CANCEL_POLL_S
+
+    worker = inproc()
+    keys = Keys()
+    client = redis.Redis.from_url(redis_url, protocol=2)
+    with Producer(redis_url) as producer:
+        counted, bare = (
+            producer.submit(prompt_ids=[5, 6, 7 + i], max_new_tokens=400, ignore_eos=True, temperature=0.0)
+            for i in range(2)
+        )
+        turn_until(worker, lambda: len(worker.running) == 2 and worker.engine.num_running == 2)
+        for _ in range(3):  # running, and the counter has been read with a step
+            worker.turn()
+        counted.cancel()
+        worker.turn()  # the step that reads the moved counter
+        worker.turn()  # its housekeeping reads the markers and aborts the job
+        assert {j.job.id for j in worker.running.values()} == {bare.id}
+        client.set(keys.cancel(bare.id), b"1", ex=60)  # no INCR
+        started = time.monotonic()
+        turn_until(worker, lambda: not worker.running, timeout=CANCEL_POLL_S + 30)
+        assert time.monotonic() - started < CANCEL_POLL_S + 5
+        for handle in (counted, bare):
+            with pytest.raises(JobFailed) as failure:
+                handle.result(timeout=10)
+            assert failure.value.code == ErrorCode.CANCELLED
+
+
 def test_an_adapter_that_cannot_be_loaded_gets_adapter_invalid_and_the_worker_goes_on(
     store, redis_url, inproc, tmp_path
 ):

@@ -68,6 +68,9 @@ from lorafleet.worker.store import open_store
 from lorafleet.worker.store_settings import StoreSettings
 
 log = structlog.get_logger("lorafleet.worker")
+# Running jobs' cancel markers are read when {ns}:cancels moves and at least this often (seconds), for
+# producers that set a marker without bumping the counter (docs/protocol.md, "Cancelling").
+CANCEL_POLL_S = 1.0
 
 
 class JobFailed(Exception):
@@ -131,7 +134,9 @@ class Worker:
         # "stream entry-id" -> job waiting for its adapter (entry ids repeat across job streams)
         self.parked: dict[str, ParkedJob] = {}
         self._replies: ReplyBatch | None = None  # set while an engine step's replies are gathered
-        self._cancel_markers: dict[str, Any] | None = None  # running jobs' cancel markers, read with them
+        self._cancels_read: Any = None  # the cancel counter as read with the last step's replies
+        self._cancels_seen: Any = None  # the counter when the markers were last read
+        self._next_cancel_poll = 0.0
         self._engine_key: dict[str, str] = {}  # adapter id -> engine key (name@version) it last ran on
         self.resident: dict[str, ResidentAdapter] = {}
         self.draining = False
@@ -464,11 +469,8 @@ class Worker:
                     self._finish(output.request_id, job, now)
         finally:
             replies, self._replies = self._replies, None
-            # The cancel markers of the jobs still running ride along: the next turn's check needs no
-            # round trip of its own.
-            running = list(self.running.items())
-            markers = replies.flush(self.redis, [self.keys.cancel(job.job.id) for _, job in running])
-            self._cancel_markers = {rid: marker for (rid, _), marker in zip(running, markers, strict=True)}
+            # The cancel counter rides along: the next turn reads markers only if it moved.
+            (self._cancels_read,) = replies.flush(self.redis, [self.keys.cancels])
         self._tokens_window.append((now, tokens))
         self.metrics.tokens.inc(tokens)
 
@@ -544,14 +546,18 @@ class Worker:
             self._recover(now)
 
     def _check_cancel_and_deadlines(self, now: float) -> None:
-        read, self._cancel_markers = self._cancel_markers, None
+        counter, self._cancels_read = self._cancels_read, None
         if not self.running:
             return
         jobs = list(self.running.items())
-        if read is not None and all(rid in read for rid, _ in jobs):  # read with the last step's replies
-            cancelled = [read[rid] for rid, _ in jobs]
-        else:
+        # Markers are read when the cancel counter moved (or was not read with the last step), and at
+        # least every CANCEL_POLL_S for producers that set a marker without bumping the counter.
+        if counter is None or counter != self._cancels_seen or now >= self._next_cancel_poll:
             cancelled = self.redis.mget([self.keys.cancel(j.job.id) for _, j in jobs])
+            self._cancels_seen = counter
+            self._next_cancel_poll = now + CANCEL_POLL_S
+        else:
+            cancelled = [None] * len(jobs)
         for (rid, job), marker in zip(jobs, cancelled, strict=True):
             if job.abort_code is not None:
                 continue
