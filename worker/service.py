@@ -275,10 +275,11 @@ class Worker:
         self.accept_many([delivery], now)
 
     def accept_many(self, deliveries: list[Delivery], now: float) -> None:
-        """Decode delivered jobs and start them, or answer them with errors; never raises.
+        """Decode delivered jobs and start them, or answer them with errors; a bad job never raises.
 
         Their cancel markers are read in one round trip and each adapter is resolved once, not once
-        per job: admission costs a few round trips per batch instead of two per job.
+        per job: admission costs a few round trips per batch instead of two per job. A Redis error
+        propagates to the loop, which retries; the jobs stay pending and are claimed again.
         """
         decoded: list[tuple[Delivery, Job]] = []
         for delivery in deliveries:
