@@ -96,7 +96,10 @@ def main() -> int:
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--stream", action="store_true", help="jobs stream their tokens (a chunk per step)")
+    parser.add_argument("--quick", action="store_true", help="128 jobs of 16 tokens")
     args = parser.parse_args()
+    if args.quick:
+        args.jobs, args.tokens = 128, 16
     configure_logging("info")  # as `lorafleet worker` does: JSON lines on stderr
     # One compute thread: torch's idle threads spin after each CPU forward and would slow the single-
     # threaded loop work measured here, which a GPU worker's host does not suffer.
