@@ -49,17 +49,22 @@ def hbm_bandwidth(nbytes: int = 4 << 30) -> float:
     return 2 * src.numel() * reps / (time.perf_counter() - start)
 
 
-def decode_step_time(engine: Engine, batch: int, adapters: list[str | None], steps: int) -> float:
-    """Seconds per decode step with `batch` running sequences (adapters assigned round robin)."""
+def add_requests(engine: Engine, batch: int, adapters: list[str | None], max_new_tokens: int) -> None:
+    """Queue `batch` requests of PROMPT_LEN tokens, adapters assigned round robin, ignoring EOS."""
     for i in range(batch):
         engine.add_request(
             GenerationRequest(
                 prompt_ids=[(7 * i + j) % 1000 + 3 for j in range(PROMPT_LEN)],
                 adapter=adapters[i % len(adapters)],
-                max_new_tokens=steps + 4,
+                max_new_tokens=max_new_tokens,
                 ignore_eos=True,
             )
         )
+
+
+def decode_step_time(engine: Engine, batch: int, adapters: list[str | None], steps: int) -> float:
+    """Seconds per decode step with `batch` running sequences (adapters assigned round robin)."""
+    add_requests(engine, batch, adapters, steps + 4)
     engine.step()  # prefill
     engine.step()  # first decode (warm-up)
     torch.cuda.synchronize()

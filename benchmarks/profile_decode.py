@@ -28,14 +28,13 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import PROMPT_LEN, add_requests
 from common import print_table, write_results
 
 from lorafleet.worker import synthetic
 from lorafleet.worker.engine import Engine, EngineConfig
 from lorafleet.worker.model import DecoderModel
-from lorafleet.worker.sequence import GenerationRequest
 
-PROMPT_LEN = 128
 RANK = 16
 
 
@@ -62,15 +61,7 @@ def build_engine(size: str, batch: int, adapters: int, cuda_graphs: bool) -> Eng
 def profile(engine: Engine, batch: int, adapters: int, steps: int) -> dict[str, Any]:
     """Profile `steps` decode steps of `batch` running sequences; kernel totals per step."""
     names: list[str | None] = [f"p{i}" for i in range(adapters)] or [None]
-    for i in range(batch):
-        engine.add_request(
-            GenerationRequest(
-                prompt_ids=[(7 * i + j) % 1000 + 3 for j in range(PROMPT_LEN)],
-                adapter=names[i % len(names)],
-                max_new_tokens=2 * steps + 16,  # warm-up, timed and profiled steps all decode
-                ignore_eos=True,
-            )
-        )
+    add_requests(engine, batch, names, 2 * steps + 16)  # warm-up, timed and profiled steps all decode
     for _ in range(4):  # prefill, then decode warm-up (graph capture, Triton compiles)
         engine.step()
     torch.cuda.synchronize()

@@ -154,8 +154,7 @@ class Engine:
         )
         if self.device.type == "cuda":
             adapter.pin_memory()
-        self._retire_resident(name)
-        self._adapters[name] = adapter
+        self.register_adapter(name, adapter)
         return adapter
 
     def register_adapter(self, name: str, adapter: LoraAdapter) -> None:
