@@ -381,6 +381,30 @@ def test_a_cancel_stops_a_running_job_at_the_next_step_and_a_bare_marker_within_
             assert failure.value.code == ErrorCode.CANCELLED
 
 
+def test_running_jobs_cost_no_marker_reads_while_nobody_cancels(redis_url, inproc):
+    """With no cancel counter in Redis yet (nobody ever cancelled), a step reads the counter with its
+    replies and nothing else: no MGET of every running job's marker per step."""
+    worker = inproc()
+    client = redis.Redis.from_url(redis_url, protocol=2)
+    assert client.get(Keys().cancels) is None
+    with Producer(redis_url) as producer:
+        handles = [
+            producer.submit(prompt_ids=[5, 6, 7 + i], max_new_tokens=400, ignore_eos=True, temperature=0.0)
+            for i in range(2)
+        ]
+        turn_until(worker, lambda: len(worker.running) == 2 and worker.engine.num_running == 2)
+        worker.turn()
+        client.config_resetstat()
+        for _ in range(10):
+            worker.turn()
+        mgets = client.info("commandstats").get("cmdstat_mget", {}).get("calls", 0)
+        assert len(worker.running) == 2
+        assert mgets == 10  # the counter, once per step
+        for handle in handles:
+            handle.cancel()
+        turn_until(worker, lambda: not worker.running, timeout=30)
+
+
 def test_an_adapter_that_cannot_be_loaded_gets_adapter_invalid_and_the_worker_goes_on(
     store, redis_url, inproc, tmp_path
 ):

@@ -471,7 +471,9 @@ class Worker:
         finally:
             replies, self._replies = self._replies, None
             # The cancel counter rides along: the next turn reads markers only if it moved.
-            (self._cancels_read,) = replies.flush(self.redis, [self.keys.cancels])
+            (counter,) = replies.flush(self.redis, [self.keys.cancels])
+            # Absent (no producer has cancelled yet) reads as 0: None means "not read with a step".
+            self._cancels_read = counter or b"0"
         self._tokens_window.append((now, tokens))
         self.metrics.tokens.inc(tokens)
 
