@@ -37,7 +37,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from lorafleet.producer import scripts
 from lorafleet.producer.errors import ProtocolError
 from lorafleet.producer.keys import Keys, adapter_of_queue
-from lorafleet.producer.protocol import REPLY_FIELD, Chunk, ErrorReply, Reply, encode_reply, entry_time
+from lorafleet.producer.protocol import Chunk, ErrorReply, Reply, encode_reply, entry_time
 from lorafleet.producer.streams import xrange_entries, xread_entries
 
 
@@ -50,7 +50,12 @@ class _Lua:
         return hashlib.sha1(self.text.encode()).hexdigest()
 
 
-_READ, _FINAL, _DEAD = _Lua(scripts.READ), _Lua(scripts.FINAL), _Lua(scripts.DEAD)
+_READ, _FINAL, _DEAD, _CHUNKS = (
+    _Lua(scripts.READ),
+    _Lua(scripts.FINAL),
+    _Lua(scripts.DEAD),
+    _Lua(scripts.CHUNKS),
+)
 
 
 def _run(r: redis.Redis, script: _Lua, keys: Sequence[str], args: Sequence[Any]) -> Any:
@@ -176,18 +181,26 @@ class ReplyBatch:
 
     Each final reply is still atomic (the same script as `publish_final`: reply, XACK, XDEL); the batch
     only saves the round trips (one per chunk and per final otherwise, on the step's critical path).
+    Consecutive chunks go out as one `CHUNKS` script call (one command instead of an XADD and an
+    EXPIRE each: the client's per-command cost is what a streaming step's batch spends most on).
     Replies go out in the order they were added, so a job's chunks precede its final reply.
     """
 
     def __init__(self) -> None:
-        self._ops: list[tuple[str, tuple[Any, ...]]] = []
+        # ("chunks", (reply streams, [payload, ttl ms, payload, ttl ms, ...])) or ("final", (keys, argv))
+        self._ops: list[tuple[str, tuple[list[str], list[Any]]]] = []
 
     def __len__(self) -> int:
-        return len(self._ops)
+        """The replies queued: chunks and finals."""
+        return sum(len(keys) if kind == "chunks" else 1 for kind, (keys, _) in self._ops)
 
     def chunk(self, chunk: Chunk, *, reply_to: str, reply_ttl: int) -> None:
         """Queue a streamed chunk (as `publish_chunk`)."""
-        self._ops.append(("chunk", (reply_to, encode_reply(chunk), reply_ttl)))
+        if not self._ops or self._ops[-1][0] != "chunks":
+            self._ops.append(("chunks", ([], [])))
+        streams, argv = self._ops[-1][1]
+        streams.append(reply_to)
+        argv += (encode_reply(chunk), reply_ttl * 1000)
 
     def final(
         self,
@@ -206,30 +219,24 @@ class ReplyBatch:
         """Send everything queued in one pipeline and empty the batch.
 
         `read_keys` are read (MGET) in the same round trip, after the replies: a worker reads the
-        cancel markers of its running jobs this way. Returns their values (None where absent).
+        cancel counter this way. Returns their values (None where absent).
         """
         ops, self._ops = self._ops, []
         if not ops and not read_keys:
             return []
         pipe = r.pipeline(transaction=False)
-        for kind, args in ops:
-            if kind == "chunk":
-                reply_to, payload, ttl = args
-                pipe.xadd(reply_to, {REPLY_FIELD: payload})
-                pipe.expire(reply_to, ttl)
-            else:
-                keys, argv = args
-                pipe.evalsha(_FINAL.sha, len(keys), *keys, *argv)
+        calls = [(_CHUNKS if kind == "chunks" else _FINAL, keys, argv) for kind, (keys, argv) in ops]
+        for script, keys, argv in calls:
+            pipe.evalsha(script.sha, len(keys), *keys, *argv)
         if read_keys:
             pipe.mget(list(read_keys))
         results = iter(pipe.execute(raise_on_error=False))
-        for kind, args in ops:
-            outcome = [next(results), next(results)] if kind == "chunk" else [next(results)]
-            for value in outcome:
-                if isinstance(value, NoScriptError):  # a restarted server: EVAL loads the script
-                    _run(r, _FINAL, *args)
-                elif isinstance(value, Exception):
-                    raise value
+        for script, keys, argv in calls:
+            outcome = next(results)
+            if isinstance(outcome, NoScriptError):  # a restarted server: EVAL loads the script
+                _run(r, script, keys, argv)
+            elif isinstance(outcome, Exception):
+                raise outcome
         if not read_keys:
             return []
         values = next(results)

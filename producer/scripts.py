@@ -1,9 +1,10 @@
 """The Lua scripts of protocol v1: each is one atomic step on the Redis server.
 
 `SUBMIT` is published verbatim in docs/protocol.md (a test keeps the two equal) so that producers
-in other languages run the very same script. The worker-side scripts (`READ`, `FINAL`, `DEAD`) keep
-the `waiting` index right and make "reply + XACK + XDEL" one step; `lorafleet.producer.consumer`
-wraps them. All of them run on Redis 6.2 and later (exclusive XRANGE bounds need 6.2).
+in other languages run the very same script. The worker-side scripts (`READ`, `FINAL`, `DEAD`,
+`CHUNKS`) keep the `waiting` index right, make "reply + XACK + XDEL" one step and write a step's
+streamed chunks in one command; `lorafleet.producer.consumer` wraps them. All of them run on
+Redis 6.2 and later (exclusive XRANGE bounds need 6.2).
 """
 
 from __future__ import annotations
@@ -85,6 +86,17 @@ redis.call('XADD', KEYS[2], '*', 'r', ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 redis.call('XDEL', KEYS[1], ARGV[2])
 return 1
+"""
+
+CHUNKS = """\
+-- lorafleet streamed chunks, protocol v1: XADD each chunk to its reply stream and refresh its expiry
+-- KEYS[i] reply stream of chunk i   ARGV[2i-1] chunk i (msgpack)   ARGV[2i] its reply TTL (ms)
+-- Returns the number of chunks written.
+for i, key in ipairs(KEYS) do
+  redis.call('XADD', key, '*', 'r', ARGV[2 * i - 1])
+  redis.call('PEXPIRE', key, ARGV[2 * i])
+end
+return #KEYS
 """
 
 DEAD = """\

@@ -11,7 +11,7 @@ import redis
 from minimal_worker import MinimalWorker
 
 from lorafleet.producer import Chunk, ErrorCode, ErrorReply, JobFailed, Keys, Producer, Result, consumer
-from lorafleet.producer.protocol import decode_job
+from lorafleet.producer.protocol import decode_job, decode_reply
 from lorafleet.worker.redis_server import embedded_redis_binary
 
 KEYS = Keys()
@@ -129,6 +129,22 @@ def test_a_reply_batch_streams_chunks_then_answers_each_job_atomically(redis_url
         batch.final(first.stream, first.entry_id, late, reply_to=jobs[0].reply_to, reply_ttl=30)
         batch.flush(redis_client)
         assert redis_client.xlen(jobs[0].reply_to) == before
+
+
+def test_a_reply_batch_of_chunks_appends_each_to_its_stream_and_sets_its_expiry(redis_client):
+    """A step's chunks go out as one CHUNKS call: every chunk lands, in order, and each reply stream
+    gets its own TTL (a stream nobody reads expires)."""
+    batch = consumer.ReplyBatch()
+    streams = {KEYS.reply("c1"): 30, KEYS.reply("c2"): 90}
+    for seq in range(3):
+        for stream, ttl in streams.items():
+            batch.chunk(Chunk(f"job-{stream}", seq, (seq,), str(seq)), reply_to=stream, reply_ttl=ttl)
+    assert len(batch) == 6
+    batch.flush(redis_client)
+    for stream, ttl in streams.items():
+        entries = redis_client.xrange(stream)
+        assert [decode_reply(fields[b"r"]).seq for _, fields in entries] == [0, 1, 2]
+        assert ttl * 1000 - 5000 < redis_client.pttl(stream) <= ttl * 1000
 
 
 def test_dead_letter_with_and_without_reply(redis_url, redis_client):
