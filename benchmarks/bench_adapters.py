@@ -77,10 +77,11 @@ class ShapesEngine:
             self.register_adapter = self.registered.__setitem__
 
     def add_adapter(self, name: str, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
-        adapter = parse_adapter(name, config, tensors, self.model.spec.shapes, MAX_RANK, self.model.dtype)
-        if self.device.type == "cuda":
-            adapter.pin_memory()
-        self.registered[name] = adapter
+        pin = self.device.type == "cuda"
+        shapes = self.model.spec.shapes
+        self.registered[name] = parse_adapter(
+            name, config, tensors, shapes, MAX_RANK, self.model.dtype, pin_memory=pin
+        )
 
     def remove_adapter(self, name: str) -> None:
         del self.registered[name]
@@ -145,9 +146,9 @@ def cold_load(store: Store, version: str, spec: ModelSpec, device: torch.device,
     t1 = time.perf_counter()
     config, tensors = read_adapter_dir(folder)
     t2 = time.perf_counter()
-    adapter = parse_adapter("bench", config, tensors, spec.shapes, MAX_RANK, dtype)
-    if device.type == "cuda":
-        adapter.pin_memory()
+    adapter = parse_adapter(
+        "bench", config, tensors, spec.shapes, MAX_RANK, dtype, pin_memory=device.type == "cuda"
+    )
     t3 = time.perf_counter()
     slots.load(0, adapter)
     slots.wait_ready(0)

@@ -287,11 +287,10 @@ class AdapterManager:
                 self.cache.fetch(self.store, ref.name, ref.version)
                 config, tensors = read_adapter_dir(folder)
             adapter = parse_adapter(
-                ref.key, config, tensors, self._shapes, self.engine.config.max_rank, self.engine.model.dtype
-            )
+                ref.key, config, tensors, self._shapes, self.engine.config.max_rank, self.engine.model.dtype,
+                pin_memory=self._pin,
+            )  # fmt: skip
             del tensors
-            if self._pin:
-                adapter.pin_memory()
         except StoreUnavailable as exc:
             self._retry_later(load, f"adapter store unavailable: {exc}")
         except (AdapterError, CorruptAdapter, StoreError) as exc:  # StoreError: ObjectNotFound, denied

@@ -150,10 +150,9 @@ class Engine:
                 raise AdapterError(f"adapter {name!r}: tensors in memory need their adapter config")
             tensors = dict(source)
         adapter = parse_adapter(
-            name, config, tensors, self.model.spec.shapes, self.config.max_rank, self.model.dtype
-        )
-        if self.device.type == "cuda":
-            adapter.pin_memory()
+            name, config, tensors, self.model.spec.shapes, self.config.max_rank, self.model.dtype,
+            pin_memory=self.device.type == "cuda",
+        )  # fmt: skip
         self.register_adapter(name, adapter)
         return adapter
 
