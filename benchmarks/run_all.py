@@ -14,7 +14,13 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-CPU_BENCHMARKS = ["bench_queue.py", "bench_scheduler.py", "bench_adapters.py", "bench_worker_overhead.py"]
+CPU_BENCHMARKS = [
+    "bench_queue.py",
+    "bench_scheduler.py",
+    "bench_adapters.py",
+    "bench_worker_overhead.py",
+    "bench_engine_host.py",
+]
 GPU_BENCHMARKS = ["bench_kernels.py", "bench_attention.py", "bench_engine.py"]
 
 

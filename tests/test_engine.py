@@ -206,6 +206,37 @@ def test_stop_token_stop_string_and_max_tokens(models):
     assert free.text.startswith(by_text.text)
 
 
+def test_a_stop_string_anywhere_in_the_text_ends_the_output_just_before_its_first_occurrence(models):
+    """Stop strings are found in the text grown step by step (not by decoding the whole output each
+    step): every substring of a free run, at every position and of 1..6 characters, alone or with a
+    later one, ends its run where the full text first contains it, on the token that completes it."""
+    model_dir, adapters = models["llama"]
+    engine = _engine(model_dir, adapters)
+    tokenizer = engine.tokenizer
+    prompt = [5, 6, 7]
+    free = engine.generate([GenerationRequest(prompt_ids=prompt, max_new_tokens=24, ignore_eos=True)])[0]
+    text = free.text
+    cases = sorted({text[i : i + n] for n in range(1, 7) for i in range(0, len(text) - n + 1, 3)})
+    # (The random model emits byte tokens: U+FFFD, an incomplete character, is not text yet.)
+    cases = [c for c in cases if c.strip() and "\ufffd" not in c]
+    assert len(cases) > 20
+    late = next(c for c in (text[i : i + 3] for i in range(len(text) - 3, -1, -1)) if c in cases)
+    requests = [
+        GenerationRequest(prompt_ids=prompt, max_new_tokens=24, ignore_eos=True, stop=[late, stop])
+        for stop in cases
+    ]
+    for stop, out in zip(cases, engine.generate(requests), strict=True):
+        cut = min(i for i in (text.find(stop), text.find(late)) if i >= 0)
+        assert out.finish_reason == FinishReason.STOP_STRING, stop
+        assert out.text == text[:cut], stop
+        assert out.token_ids == free.token_ids[: len(out.token_ids)]
+        # the last token is the one that completed the stop string
+        full = tokenizer.decode(out.token_ids, skip_special_tokens=True)
+        before = tokenizer.decode(out.token_ids[:-1], skip_special_tokens=True)
+        assert any(s in full for s in (stop, late))
+        assert not any(s in before for s in (stop, late))
+
+
 def test_abort_frees_the_sequence_and_its_cache(models):
     model_dir, adapters = models["llama"]
     engine = _engine(model_dir, adapters, kv_cache_tokens=256)

@@ -16,6 +16,7 @@ import itertools
 import zlib
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
+from collections.abc import Sequence as TokenIds
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import torch
 from lorafleet.worker.adapters import AdapterError, AdapterSlots, LoraAdapter, parse_adapter, read_adapter_dir
 from lorafleet.worker.batch import StepBatch, build_step_batch
 from lorafleet.worker.cuda_graphs import DecodeGraphs
+from lorafleet.worker.detokenize import IncrementalDecoder
 from lorafleet.worker.kv_cache import KVCache, KVCacheInfo
 from lorafleet.worker.model import DecoderModel
 from lorafleet.worker.sampling import SamplingBatch, greedy, sample
@@ -392,12 +394,26 @@ class Engine:
             seq.finish_reason = FinishReason.LENGTH
 
     def _hit_stop_string(self, seq: Sequence) -> bool:
-        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in seq.request.stop) if i >= 0), default=-1)
+        # The text grows by an incremental decode of the newest tokens (decoding the whole output
+        # each step is O(n) per step); a stop string that the new text completes starts at most
+        # len(stop) - 1 characters before it, so only that tail is searched.
+        if seq.decoder is None:
+            seq.decoder = IncrementalDecoder(self._decode)
+        delta = seq.decoder.delta(seq.output_ids)
+        if not delta:
+            return False
+        start = len(seq.decoded)
+        seq.decoded += delta
+        text = seq.decoded
+        found = (text.find(s, max(0, start - len(s) + 1)) for s in seq.request.stop)
+        cut = min((i for i in found if i >= 0), default=-1)
         if cut < 0:
             return False
         seq.text = text[:cut]
         return True
+
+    def _decode(self, token_ids: TokenIds[int]) -> str:
+        return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
 
     # ----- offline use -----
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class FinishReason(enum.StrEnum):
@@ -90,6 +91,9 @@ class Sequence:
     finish_reason: FinishReason | None = None
     text: str | None = None
     order: int = field(default_factory=lambda: next(_seq_counter))
+    # Stop strings: the output's text so far, grown by an IncrementalDecoder (engine-owned).
+    decoder: Any = None
+    decoded: str = ""
 
     @property
     def length(self) -> int:
@@ -102,5 +106,7 @@ class Sequence:
 
     def pending_ids(self) -> list[int]:
         """Tokens whose K/V are not cached yet: the prompt at prefill, the last token at decode."""
-        all_ids = self.request.prompt_ids + self.output_ids
-        return all_ids[self.num_cached :]
+        prompt = self.request.prompt_ids
+        if self.num_cached >= len(prompt):  # decode: no copy of the (long) prompt each step
+            return self.output_ids[self.num_cached - len(prompt) :]
+        return (prompt + self.output_ids)[self.num_cached :]
