@@ -18,8 +18,13 @@ def check_tensor(
     dtypes: Sequence[torch.dtype],
     shape: Sequence[int | None],
     device: torch.device | None = None,
+    strided_rows: bool = False,
 ) -> torch.Tensor:
-    """Check that `value` is a contiguous tensor of one of `dtypes`, of `shape` (None = any), on `device`."""
+    """Check that `value` is a contiguous tensor of one of `dtypes`, of `shape` (None = any), on `device`.
+
+    With `strided_rows`, only each row (value[i]) must be contiguous: rows may lie any distance apart,
+    as in a column slice of a wider matrix (the launcher passes value.stride(0) to its kernel).
+    """
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dtype not in dtypes:
@@ -32,7 +37,10 @@ def check_tensor(
         raise ValueError(f"{name} must have shape {expected}, got {list(value.shape)}")
     if device is not None and value.device != device:
         raise ValueError(f"{name} is on {value.device}, expected {device} like the other inputs")
-    if not value.is_contiguous():
+    if strided_rows and value.dim() > 1:
+        if not value[:1].is_contiguous():
+            raise ValueError(f"{name} must have contiguous rows (call .contiguous() on it)")
+    elif not value.is_contiguous():
         raise ValueError(f"{name} must be contiguous (call .contiguous() on it)")
     return value
 

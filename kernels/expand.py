@@ -108,7 +108,7 @@ def lora_expand(
     token_slots: torch.Tensor,  # [T] int32, -1 = no adapter
     slot_ranks: torch.Tensor,  # [S] int32, 1..R
     slot_scales: torch.Tensor,  # [S] fp32
-    out: torch.Tensor,  # [T, d_out] same dtype as lora_b, updated in place
+    out: torch.Tensor,  # [T, d_out] same dtype as lora_b, updated in place (rows may be strided)
     *,
     meta: LoraBatchMeta | None = None,
     backend: str = "auto",
@@ -179,5 +179,6 @@ def _check_expand_args(
     check_tensor("token_slots", token_slots, dtypes=(torch.int32,), shape=(num_tokens,), device=device)
     check_tensor("slot_ranks", slot_ranks, dtypes=(torch.int32,), shape=(num_slots,), device=device)
     check_tensor("slot_scales", slot_scales, dtypes=(torch.float32,), shape=(num_slots,), device=device)
-    check_tensor("out", out, dtypes=(lora_b.dtype,), shape=(num_tokens, d_out), device=device)
+    out_shape = (num_tokens, d_out)
+    check_tensor("out", out, dtypes=(lora_b.dtype,), shape=out_shape, device=device, strided_rows=True)
     return device

@@ -23,14 +23,16 @@ __all__ = ["apply_rotary", "apply_rotary_ref"]
 
 @triton.jit
 def _rotary_kernel(  # type: ignore[no-untyped-def]
-    q_ptr,  # [N, H, D]
-    k_ptr,  # [N, KVH, D]
+    q_ptr,  # [N, H, D], rows stride_q apart
+    k_ptr,  # [N, KVH, D], rows stride_k apart
     cos_ptr,  # [N, D]
     sin_ptr,  # [N, D]
-    q_out_ptr,  # [N, H, D]
-    k_out_ptr,  # [N, KVH, D]
+    q_out_ptr,  # [N, H, D] contiguous
+    k_out_ptr,  # [N, KVH, D] contiguous
     num_heads,  # int: H
     num_kv_heads,  # int: KVH
+    stride_q,  # int: q.stride(0)
+    stride_k,  # int: k.stride(0)
     HALF: tl.constexpr,  # D // 2
     BLOCK: tl.constexpr,  # next power of two >= HALF
 ):
@@ -38,10 +40,10 @@ def _rotary_kernel(  # type: ignore[no-untyped-def]
     head = tl.program_id(1)
     dim = 2 * HALF
     if head < num_heads:
-        src = q_ptr + (token * num_heads + head) * dim
+        src = q_ptr + token * stride_q + head * dim
         dst = q_out_ptr + (token * num_heads + head) * dim
     else:
-        src = k_ptr + (token * num_kv_heads + head - num_heads) * dim
+        src = k_ptr + token * stride_k + (head - num_heads) * dim
         dst = k_out_ptr + (token * num_kv_heads + head - num_heads) * dim
     offs = tl.arange(0, BLOCK)
     mask = offs < HALF
@@ -74,27 +76,28 @@ def apply_rotary_ref(
 
 
 def apply_rotary(
-    q: torch.Tensor,  # [N, H, D] fp16/bf16/fp32, contiguous
-    k: torch.Tensor,  # [N, KVH, D] same dtype
+    q: torch.Tensor,  # [N, H, D] fp16/bf16/fp32; rows may be strided (column slices of a fused qkv)
+    k: torch.Tensor,  # [N, KVH, D] same dtype, rows may be strided
     cos: torch.Tensor,  # [N, D] same dtype: cos of each token's position
     sin: torch.Tensor,  # [N, D]
     *,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate queries and keys by their positions' angles: returns new (q, k) tensors.
+    """Rotate queries and keys by their positions' angles: returns new, contiguous (q, k) tensors.
 
     backend: "auto" (Triton on CUDA, the reference on CPU), "triton" or "torch".
     """
-    check_tensor("q", q, dtypes=FLOAT_DTYPES, shape=(None, None, None))
+    check_tensor("q", q, dtypes=FLOAT_DTYPES, shape=(None, None, None), strided_rows=True)
     num_tokens, num_heads, dim = q.shape
     if dim % 2:
         raise ValueError(f"q's head dimension must be even, got {dim}")
-    check_tensor("k", k, dtypes=(q.dtype,), shape=(num_tokens, None, dim), device=q.device)
+    check_tensor("k", k, dtypes=(q.dtype,), shape=(num_tokens, None, dim), device=q.device, strided_rows=True)
     check_tensor("cos", cos, dtypes=(q.dtype,), shape=(num_tokens, dim), device=q.device)
     check_tensor("sin", sin, dtypes=(q.dtype,), shape=(num_tokens, dim), device=q.device)
     if not use_triton(q.device, backend, q.dtype):
         return apply_rotary_ref(q, k, cos, sin)
-    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if num_tokens == 0:
         return q_out, k_out
     num_kv_heads = k.shape[1]
@@ -107,6 +110,8 @@ def apply_rotary(
         k_out,
         num_heads,
         num_kv_heads,
+        q.stride(0),
+        k.stride(0),
         HALF=dim // 2,
         BLOCK=next_power_of_2(dim // 2),
         num_warps=1 if dim <= 128 else 2,

@@ -119,7 +119,7 @@ def _shrink_config(max_rank: int, block_m: int, dtype: torch.dtype) -> _ShrinkCo
 
 
 def lora_shrink(
-    x: torch.Tensor,  # [T, d_in] fp16/bf16/fp32
+    x: torch.Tensor,  # [T, d_in] fp16/bf16/fp32 (rows may be strided)
     lora_a: torch.Tensor,  # [S, R, d_in] same dtype as x
     token_slots: torch.Tensor,  # [T] int32, -1 = no adapter
     slot_ranks: torch.Tensor,  # [S] int32, 1..R
@@ -185,7 +185,7 @@ def lora_shrink(
 def _check_shrink_args(
     x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor, slot_ranks: torch.Tensor
 ) -> torch.device:
-    check_tensor("x", x, dtypes=FLOAT_DTYPES, shape=(None, None))
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, shape=(None, None), strided_rows=True)
     device = x.device
     num_tokens, d_in = x.shape
     check_tensor("lora_a", lora_a, dtypes=(x.dtype,), shape=(None, None, d_in), device=device)

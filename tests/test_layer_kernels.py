@@ -89,6 +89,19 @@ def test_rotary_kernel_is_bit_identical_to_reference(dtype, n, heads, kv_heads, 
     assert torch.equal(got_k, ref_k)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_rotary_takes_q_and_k_as_column_slices_of_a_fused_qkv(backend):
+    q, k, cos, sin = _rope(5, 4, 2, 16, torch.float32)
+    qkv = torch.cat((q.reshape(5, -1), k.reshape(5, -1), torch.zeros(5, 32)), dim=1)  # [N, (H+2KVH)D]
+    q_view, k_view = qkv[:, :64].view(5, 4, 16), qkv[:, 64:96].view(5, 2, 16)
+    got_q, got_k = apply_rotary(q_view, k_view, cos, sin, backend=backend)
+    ref_q, ref_k = apply_rotary_ref(q, k, cos, sin)
+    assert torch.equal(got_q, ref_q)
+    assert torch.equal(got_k, ref_k)
+    assert got_q.is_contiguous()
+    assert got_k.is_contiguous()
+
+
 def test_rotary_errors_name_the_bad_argument():
     q, k, cos, sin = _rope(2, 2, 1, 8, torch.float32)
     with pytest.raises(ValueError, match="head dimension must be even"):
