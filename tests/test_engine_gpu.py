@@ -28,8 +28,7 @@ def model_and_adapters(tmp_path_factory):
     return model_dir, adapters
 
 
-def _requests():
-    names = [None, "a0", "a1", "a2"]
+def _requests(names=(None, "a0", "a1", "a2")):
     prompts = [[(13 * i + j) % 2000 + 3 for j in range(5 + 7 * i)] for i in range(11)]
     return [
         GenerationRequest(prompt_ids=p, adapter=names[i % 4], max_new_tokens=12, ignore_eos=True)
@@ -37,7 +36,7 @@ def _requests():
     ]
 
 
-def _run(model_dir, adapters, device, **config):
+def _run(model_dir, adapters, device, names=(None, "a0", "a1", "a2"), **config):
     engine = Engine.from_pretrained(
         model_dir,
         max_loras=4,
@@ -49,7 +48,7 @@ def _run(model_dir, adapters, device, **config):
     )
     for name, path in adapters.items():
         engine.add_adapter(name, path)
-    return [o.token_ids for o in engine.generate(_requests())], engine
+    return [o.token_ids for o in engine.generate(_requests(names))], engine
 
 
 def test_gpu_kernels_and_graphs_match_the_cpu_path(model_and_adapters):
@@ -61,3 +60,19 @@ def test_gpu_kernels_and_graphs_match_the_cpu_path(model_and_adapters):
     assert engine.graphs.captured
     assert eager == cpu
     assert graphed == eager
+
+
+def test_steps_without_adapters_replay_the_graphs_without_lora_and_match(model_and_adapters):
+    """A batch where no sequence has an adapter replays the bucket's graph without the LoRA kernels;
+    its tokens are the eager and CPU tokens (and a mixed batch after it still gets its adapters)."""
+    model_dir, adapters = model_and_adapters
+    base_only = (None,)
+    cpu, _ = _run(model_dir, adapters, "cpu", names=base_only)
+    eager, _ = _run(model_dir, adapters, "cuda", names=base_only, cuda_graphs=False)
+    graphed, engine = _run(model_dir, adapters, "cuda", names=base_only)
+    assert engine.graphs is not None
+    assert engine.graphs.captured
+    assert eager == cpu
+    assert graphed == eager
+    mixed = [o.token_ids for o in engine.generate(_requests())]
+    assert mixed == _run(model_dir, adapters, "cpu")[0]

@@ -1,15 +1,17 @@
-"""CUDA graphs of the decode step, one per batch-size bucket.
+"""CUDA graphs of the decode step, two per batch-size bucket: with and without LoRA.
 
 A decode step of an 8B model launches a few thousand small kernels (projections, LoRA shrink and
 expand, attention, norms per layer); replaying a captured graph removes their Python and launch
 overhead. Every captured forward reads its inputs from static buffers: a step copies its batch into
 the first B rows, pads the bucket's remaining rows (token id 0, no adapter, KV writes into a spare
-padding block) and replays the graph of the smallest bucket that holds B sequences.
+padding block) and replays the graph of the smallest bucket that holds B sequences. A step in which
+no sequence uses an adapter replays the bucket's graph without the LoRA kernels (448 launches of an
+8B model that would find no token to work on). Every graph writes its logits into one shared buffer,
+so a second set of graphs costs no second set of [bucket, V] outputs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,12 +22,6 @@ from lorafleet.worker.kv_cache import KVCache
 from lorafleet.worker.model import DecoderModel
 
 BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-
-
-@dataclass
-class _Captured:
-    graph: torch.cuda.CUDAGraph
-    logits: torch.Tensor  # [bucket, V] fp32, written by each replay
 
 
 class DecodeGraphs:
@@ -59,10 +55,12 @@ class DecodeGraphs:
             has_lora=True,
         )
         self._pad_slot = pad_slot
-        self._graphs: dict[int, _Captured] = {}
+        # Logits of the last replay, [max bucket, V] fp32: every graph copies its logits here.
+        self._logits = torch.empty(size, model.lm_head.shape[0], dtype=torch.float32, device=device)
+        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (bucket, with LoRA) -> graph
         self._pool: Any = None  # the graph memory pool handle, shared by every bucket
 
-    def _view(self, size: int) -> StepBatch:
+    def _view(self, size: int, lora: bool) -> StepBatch:
         s = self._static
         return StepBatch(
             input_ids=s.input_ids[:size],
@@ -75,24 +73,27 @@ class DecodeGraphs:
             context_lens=s.context_lens[:size],
             query_lens_host=[1] * size,
             context_lens_host=[1] * size,
-            has_lora=True,
+            has_lora=lora,
         )
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Capture one graph per bucket, largest first so that smaller ones share its memory pool."""
+        """Capture the graphs of every bucket, largest first so that smaller ones share its memory
+        pool (no graph keeps an output in the pool: the logits are copied out to a static buffer)."""
         stream = torch.cuda.Stream(self.model.device)
         stream.wait_stream(torch.cuda.current_stream(self.model.device))
         with torch.cuda.stream(stream):
             for size in reversed(self.buckets):
-                batch = self._view(size)
-                for _ in range(2):  # warm-up: Triton autotuning and compilation happen outside capture
-                    self.model.forward(batch, self.cache, self.slots)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool, stream=stream):
-                    logits = self.model.forward(self._view(size), self.cache, self.slots)
-                self._pool = graph.pool()
-                self._graphs[size] = _Captured(graph, logits)
+                for lora in (True, False):
+                    for _ in range(2):  # warm-up: Triton autotuning and compilation happen outside capture
+                        self.model.forward(self._view(size, lora), self.cache, self.slots)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=self._pool, stream=stream):
+                        logits = self.model.forward(self._view(size, lora), self.cache, self.slots)
+                        self._logits[:size].copy_(logits)
+                        del logits
+                    self._pool = graph.pool()
+                    self._graphs[(size, lora)] = graph
         torch.cuda.current_stream(self.model.device).wait_stream(stream)
 
     @property
@@ -108,7 +109,8 @@ class DecodeGraphs:
         )
 
     def run(self, batch: StepBatch) -> torch.Tensor:
-        """Replay the graph of the smallest bucket holding `batch`; logits [B, V] fp32."""
+        """Replay the graph of the smallest bucket holding `batch` (the one without LoRA kernels when
+        no sequence has an adapter); logits [B, V] fp32, valid until the next replay."""
         n = batch.num_seqs
         size = next(b for b in self.buckets if b >= n)
         s = self._static
@@ -125,6 +127,5 @@ class DecodeGraphs:
         s.slot_mapping[n:size].fill_(self._pad_slot)
         s.token_slots[n:size].fill_(-1)
         s.block_tables[n:size].fill_(self.cache.padding_block)
-        captured = self._graphs[size]
-        captured.graph.replay()
-        return captured.logits[:n]
+        self._graphs[(size, batch.has_lora)].replay()
+        return self._logits[:n]
