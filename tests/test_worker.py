@@ -347,15 +347,15 @@ def test_deadline_stops_a_running_job_at_the_next_step(redis_url, inproc):
     assert 1 <= sum(len(c.token_ids) for c in chunks) < 400  # it ran, and stopped early
 
 
-def test_a_cancel_stops_a_running_job_at_the_next_step_and_a_bare_marker_within_the_poll(
+def test_a_cancel_stops_a_running_job_within_steps_and_a_bare_marker_within_the_poll(
     redis_url, inproc, monkeypatch
 ):
-    """Producer.cancel bumps {ns}:cancels: the job stops at the next step, with no marker reads in
-    between. A producer that only sets the marker (older or hand-written) is honoured within the poll."""
+    """Producer.cancel bumps {ns}:cancels: the job stops within three loop turns (the step whose
+    replies read the moved counter, the turn that sees it, the step that aborts), long before the
+    poll. A producer that only sets the marker (older or hand-written) is honoured within the poll."""
     from lorafleet.worker import service
 
-    # A short poll: a 400-token job on the tiny CPU model can finish within the default second.
-    monkeypatch.setattr(service, "CANCEL_POLL_S", 0.1)
+    monkeypatch.setattr(service, "CANCEL_POLL_S", 1000.0)  # first no poll: only the counter can stop it
     worker = inproc()
     keys = Keys()
     client = redis.Redis.from_url(redis_url, protocol=2)
@@ -368,8 +368,13 @@ def test_a_cancel_stops_a_running_job_at_the_next_step_and_a_bare_marker_within_
         for _ in range(3):  # running, and the counter has been read with a step
             worker.turn()
         counted.cancel()
-        worker.turn()  # the step that reads the moved counter
-        worker.turn()  # its housekeeping reads the markers and aborts the job
+        # Then a short poll (a 400-token job on the tiny CPU model can finish within the default
+        # second); it starts with the marker read that the moved counter causes.
+        monkeypatch.setattr(service, "CANCEL_POLL_S", 0.1)
+        for _ in range(3):
+            worker.turn()
+            if {j.job.id for j in worker.running.values()} == {bare.id}:
+                break
         assert {j.job.id for j in worker.running.values()} == {bare.id}
         client.set(keys.cancel(bare.id), b"1", ex=60)  # no INCR
         started = time.monotonic()
@@ -393,10 +398,13 @@ def test_running_jobs_cost_no_marker_reads_while_nobody_cancels(redis_url, inpro
             for i in range(2)
         ]
         turn_until(worker, lambda: len(worker.running) == 2 and worker.engine.num_running == 2)
-        worker.turn()
+        for _ in range(3):  # until a turn has seen the counter read with a step's replies
+            worker.turn()
+        worker.wait_replies()
         client.config_resetstat()
         for _ in range(10):
             worker.turn()
+        worker.wait_replies()
         mgets = client.info("commandstats").get("cmdstat_mget", {}).get("calls", 0)
         assert len(worker.running) == 2
         assert mgets == 10  # the counter, once per step

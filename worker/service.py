@@ -55,6 +55,7 @@ from lorafleet.worker.metrics import Metrics
 from lorafleet.worker.model_store import fetch_model
 from lorafleet.worker.recovery import claim_stale, refresh_claims, release
 from lorafleet.worker.registry import Registry
+from lorafleet.worker.reply_sender import ReplySender
 from lorafleet.worker.scheduler import (
     AdapterQueue,
     FleetView,
@@ -134,7 +135,9 @@ class Worker:
         # "stream entry-id" -> job waiting for its adapter (entry ids repeat across job streams)
         self.parked: dict[str, ParkedJob] = {}
         self._replies: ReplyBatch | None = None  # set while an engine step's replies are gathered
-        self._cancels_read: Any = None  # the cancel counter as read with the last step's replies
+        # Each step's replies go out from this thread while the next step runs; the cancel counter
+        # is read with them.
+        self._sender = ReplySender(self.redis, [self.keys.cancels], name=f"replies-{config.name}")
         self._cancels_seen: Any = None  # the counter when the markers were last read
         self._next_cancel_poll = 0.0
         self._engine_key: dict[str, str] = {}  # adapter id -> engine key (name@version) it last ran on
@@ -190,6 +193,11 @@ class Worker:
         if position is not None and not took:
             wait_for_work(self.redis, self.keys, position, block=self.config.idle_block)
         return took
+
+    def wait_replies(self, timeout: float | None = None) -> bool:
+        """Wait until the replies of every step so far have been sent (they go out in the background
+        while the next step runs); False on timeout."""
+        return self._sender.wait(timeout)
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         if not self.draining:
@@ -470,10 +478,7 @@ class Worker:
                     self._finish(output.request_id, job, now)
         finally:
             replies, self._replies = self._replies, None
-            # The cancel counter rides along: the next turn reads markers only if it moved.
-            (counter,) = replies.flush(self.redis, [self.keys.cancels])
-            # Absent (no producer has cancelled yet) reads as 0: None means "not read with a step".
-            self._cancels_read = counter or b"0"
+            self._sender.submit(replies)  # sent while the next step runs
         self._tokens_window.append((now, tokens))
         self.metrics.tokens.inc(tokens)
 
@@ -549,15 +554,20 @@ class Worker:
             self._recover(now)
 
     def _check_cancel_and_deadlines(self, now: float) -> None:
-        counter, self._cancels_read = self._cancels_read, None
+        # The cancel counter as read with the replies of a recent step (None: no new read since the
+        # last turn); absent (nobody has cancelled yet) reads as 0.
+        values = self._sender.take_values()
+        counter = None if values is None else values[0] or b"0"
         if not self.running:
             return
         jobs = list(self.running.items())
-        # Markers are read when the cancel counter moved (or was not read with the last step), and at
-        # least every CANCEL_POLL_S for producers that set a marker without bumping the counter.
-        if counter is None or counter != self._cancels_seen or now >= self._next_cancel_poll:
+        # Markers are read when the cancel counter moved, and at least every CANCEL_POLL_S for
+        # producers that set a marker without bumping the counter.
+        moved = counter is not None and counter != self._cancels_seen
+        if moved or now >= self._next_cancel_poll:
             cancelled = self.redis.mget([self.keys.cancel(j.job.id) for _, j in jobs])
-            self._cancels_seen = counter
+            if counter is not None:
+                self._cancels_seen = counter
             self._next_cancel_poll = now + CANCEL_POLL_S
         else:
             cancelled = [None] * len(jobs)
@@ -633,6 +643,7 @@ class Worker:
         return [*(j.delivery for j in self.running.values()), *(p.delivery for p in self.parked.values())]
 
     def _shutdown(self) -> None:
+        self._sender.close()  # the last steps' replies
         # Left over after a drain timeout, or still waiting for an adapter: hand back.
         for delivery in self._held_deliveries():
             release(self.redis, self.keys, delivery, self.config.visibility_timeout)
