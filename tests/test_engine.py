@@ -328,3 +328,26 @@ def test_replaced_adapter_serves_new_requests_with_new_weights(models):
     engine.remove_adapter("x")
     with pytest.raises(UnknownAdapter):
         engine.add_request(request)
+
+
+def test_loaded_weights_fuse_qkv_and_gate_up_by_rows_with_their_biases(models):
+    """q/k/v and gate/up load as one row-concatenated weight each (biases too, Qwen2), and nothing
+    else changes: every other tensor is the file's own."""
+    from safetensors.torch import load_file
+
+    from lorafleet.worker.model import load_safetensors
+
+    model_dir, _ = models["qwen2"]
+    raw = load_file(str(model_dir / "model.safetensors"))
+    loaded = load_safetensors(model_dir, torch.device("cpu"), torch.float32)
+    prefix = "model.layers.1"
+    for fused, parts in (("self_attn.qkv_proj", ("q", "k", "v")), ("mlp.gate_up_proj", ("gate", "up"))):
+        block = fused.split(".")[0]
+        for kind in ("weight", "bias") if block == "self_attn" else ("weight",):
+            expected = torch.cat([raw[f"{prefix}.{block}.{p}_proj.{kind}"] for p in parts])
+            assert torch.equal(loaded[f"{prefix}.{fused}.{kind}"], expected.float())
+    assert not any(k.endswith((".q_proj.weight", ".k_proj.weight", ".up_proj.weight")) for k in loaded)
+    others = {k for k in raw if not any(f".{p}_proj." in k for p in ("q", "k", "v", "gate", "up"))}
+    assert others <= loaded.keys()
+    for key in others:
+        assert torch.equal(loaded[key], raw[key].float())

@@ -12,6 +12,7 @@ with an adapter, scale * (x A^T) B^T through the multi-LoRA kernels (their torch
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,21 +117,66 @@ FUSED: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
-def fuse_projections(weights: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-    """Replace each layer's q/k/v (and gate/up) weights and biases by their row concatenation,
-    `...self_attn.qkv_proj.weight` [dq + dk + dv, d] (and `...mlp.gate_up_proj.weight`), in place."""
-    for layer in range(num_layers):
-        for fused, (block, parts) in FUSED.items():
-            prefix = f"model.layers.{layer}.{block}"
-            for kind in ("weight", "bias"):
-                keys = [f"{prefix}.{part}.{kind}" for part in parts]
-                if all(key in weights for key in keys):
-                    weights[f"{prefix}.{fused}.{kind}"] = torch.cat([weights.pop(key) for key in keys])
-    return weights
+_PART = re.compile(r"^(model\.layers\.\d+\.(?:self_attn|mlp))\.(\w+)\.(weight|bias)$")
+_GROUP_OF = {
+    part: (fused, parts.index(part), len(parts)) for fused, (_, parts) in FUSED.items() for part in parts
+}
+
+
+def _fused_key(key: str) -> tuple[str, int, int] | None:
+    """(fused key, index of this part, parts in the group) for a q/k/v/gate/up weight or bias key."""
+    match = _PART.match(key)
+    if match is None or match[2] not in _GROUP_OF:
+        return None
+    fused, index, count = _GROUP_OF[match[2]]
+    return f"{match[1]}.{fused}.{match[3]}", index, count
+
+
+class _Fuser:
+    """Collects the parts of each fused group and concatenates a group by rows once it is complete."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, dict[int, tuple[str, torch.Tensor]]] = {}
+
+    def add(self, key: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+        """Take one tensor: (key, tensor) to keep as it is, the (fused key, fused tensor) that it
+        completes, or None while its group waits for other parts."""
+        group = _fused_key(key)
+        if group is None:
+            return key, tensor
+        fused, index, count = group
+        parts = self._pending.setdefault(fused, {})
+        parts[index] = (key, tensor)
+        if len(parts) < count:
+            return None
+        del self._pending[fused]
+        return fused, torch.cat([parts[i][1] for i in range(count)])
+
+    def leftovers(self) -> list[tuple[str, torch.Tensor]]:
+        """Parts of groups that never completed (the forward then reports the missing weight)."""
+        return [part for parts in self._pending.values() for part in parts.values()]
+
+
+def fuse_projections(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each layer's q/k/v (and gate/up) weights and biases replaced by their row concatenation,
+    `...self_attn.qkv_proj.weight` [dq + dk + dv, d] (and `...mlp.gate_up_proj.weight`)."""
+    fuser, out = _Fuser(), {}
+    for key, tensor in weights.items():
+        kept = fuser.add(key, tensor)
+        if kept is not None:
+            out[kept[0]] = kept[1]
+    out.update(fuser.leftovers())
+    return out
 
 
 def load_safetensors(model_dir: Path, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """All tensors of a model directory (model.safetensors or its sharded index), cast to dtype."""
+    """All tensors of a model directory (model.safetensors or its sharded index), cast to dtype, with
+    q/k/v and gate/up fused (see FUSED).
+
+    Each group is concatenated on the CPU once its parts are read and then moved to `device`: host
+    memory holds one group at a time, and no freed device blocks are left behind to shrink a KV
+    cache sized from free memory.
+    """
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -139,10 +185,15 @@ def load_safetensors(model_dir: Path, device: torch.device, dtype: torch.dtype) 
     else:
         raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
     tensors: dict[str, torch.Tensor] = {}
+    fuser = _Fuser()
     for name in files:
         with safe_open(str(model_dir / name), framework="pt", device="cpu") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                tensors[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+                kept = fuser.add(key, f.get_tensor(key).to(dtype))
+                if kept is not None:
+                    tensors[kept[0]] = kept[1].to(device)
+    for key, tensor in fuser.leftovers():
+        tensors[key] = tensor.to(device)
     return tensors
 
 
@@ -160,11 +211,8 @@ class DecoderModel:
         self.spec = ModelSpec.from_config(config)
         self.device = device
         self.dtype = dtype
-        # Fused where the weights are (the CPU when loaded from disk: no freed device blocks left
-        # behind to shrink the KV cache sized from free memory), then moved to the device.
-        fused = fuse_projections(dict(weights), self.spec.num_layers)
-        self.weights = {key: w.to(device=device, dtype=dtype) for key, w in fused.items()}
-        del fused
+        # q/k/v and gate/up fused (already so when loaded by load_safetensors), on `device`.
+        self.weights = {key: w.to(device=device, dtype=dtype) for key, w in fuse_projections(weights).items()}
         self.embed = self.weights["model.embed_tokens.weight"]  # [V, d]
         self.lm_head = self.embed if self.spec.tied_embeddings else self.weights["lm_head.weight"]  # [V, d]
         self.final_norm = self.weights["model.norm.weight"]
@@ -182,7 +230,7 @@ class DecoderModel:
         path = Path(model_dir)
         config = AutoConfig.from_pretrained(str(path))
         ModelSpec.from_config(config)  # fail fast on an unsupported family
-        return cls(config, load_safetensors(path, torch.device("cpu"), dtype), device, dtype)
+        return cls(config, load_safetensors(path, device, dtype), device, dtype)
 
     def _w(self, layer: int, name: str) -> torch.Tensor:
         return self.weights[f"model.layers.{layer}.{name}"]
