@@ -351,3 +351,19 @@ def test_loaded_weights_fuse_qkv_and_gate_up_by_rows_with_their_biases(models):
     assert others <= loaded.keys()
     for key in others:
         assert torch.equal(loaded[key], raw[key].float())
+
+
+def test_a_projection_tensor_without_its_group_is_refused_not_dropped(models):
+    """A bias on q alone (k and v without) cannot join the fused q/k/v GEMM: loading names it
+    instead of serving a model whose q bias is silently missing."""
+    from transformers import AutoConfig
+
+    from lorafleet.worker.model import DecoderModel, load_safetensors
+
+    model_dir, _ = models["qwen2"]
+    config = AutoConfig.from_pretrained(str(model_dir))
+    weights = load_safetensors(model_dir, torch.device("cpu"), torch.float32)
+    bias = weights.pop("model.layers.0.self_attn.qkv_proj.bias")
+    weights["model.layers.0.self_attn.q_proj.bias"] = bias[: config.hidden_size]
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj\.bias: the other projections"):
+        DecoderModel(config, weights, torch.device("cpu"), torch.float32)

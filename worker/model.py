@@ -213,6 +213,9 @@ class DecoderModel:
         self.dtype = dtype
         # q/k/v and gate/up fused (already so when loaded by load_safetensors), on `device`.
         self.weights = {key: w.to(device=device, dtype=dtype) for key, w in fuse_projections(weights).items()}
+        unfused = sorted(key for key in self.weights if _fused_key(key) is not None)
+        if unfused:  # e.g. a bias on q but not on k and v: the fused GEMM would drop it
+            raise ValueError(f"{unfused[0]}: the other projections of its group lack this tensor")
         self.embed = self.weights["model.embed_tokens.weight"]  # [V, d]
         self.lm_head = self.embed if self.spec.tied_embeddings else self.weights["lm_head.weight"]  # [V, d]
         self.final_norm = self.weights["model.norm.weight"]
