@@ -128,6 +128,35 @@ def test_load_evicts_the_least_recently_used_idle_adapter() -> None:
     assert p.loads == (Admission("cold", 1, Reason.COLD, load=True, evict="stale"),)
 
 
+def test_load_evicts_the_idle_adapter_with_the_fewest_recent_jobs_here() -> None:
+    """A popular adapter idle for a moment outlives a more recently used one that had one job; the
+    counts decay, so that one job now outweighs many long ago."""
+    sched = Scheduler("w0")
+    resident = fleet(resident={"hot": {"w0"}, "once": {"w0"}})
+
+    def admit(at: float, adapter: str, jobs: int) -> None:
+        here = {
+            n: ResidentAdapter(running=0, loaded_at=at - 1.0, last_used=at - 0.1) for n in ("hot", "once")
+        }
+        p = sched.plan(at, local(16, 2, **here), [AdapterQueue(adapter, at, jobs)], resident)
+        assert p.admissions == (Admission(adapter, jobs, Reason.RESIDENT),)
+
+    for i in range(5):  # "hot": 10 jobs over the last few seconds, "once": a single job
+        admit(NOW - 5.0 + i, "hot", 2)
+    admit(NOW - 0.6, "once", 1)
+    lc = local(4, 2, hot=slot(used_ago=1.0), once=slot(used_ago=0.5))
+    p = sched.plan(NOW, lc, [q("cold", 0.3)], resident)
+    assert p.loads == (Admission("cold", 1, Reason.COLD, load=True, evict="once"),)
+    # a scheduler without that history evicts the least recently used
+    assert plan(lc, [q("cold", 0.3)], resident).loads[0].evict == "hot"
+
+    later = NOW + 5 * SchedulerConfig().use_half_life  # "hot"'s 10 jobs now weigh ~1/3
+    admit(later - 1.0, "once", 1)
+    lc = local(4, 2, hot=slot(used_ago=0.5), once=slot(used_ago=0.9))
+    p = sched.plan(later, lc, [AdapterQueue("cold", later - 0.3, 1)], resident)
+    assert p.loads[0].evict == "hot"
+
+
 def test_no_load_when_every_adapter_has_running_sequences() -> None:
     lc = local(4, 2, a=slot(running=1), b=slot(running=3))
     p = plan(lc, [q("cold", 0.5)], fleet(resident={"a": {"w0"}, "b": {"w0"}}))
@@ -331,6 +360,7 @@ def test_plans_keep_their_invariants_on_random_states() -> None:
         ({"replicate_after": 0.0}, "replicate_after"),
         ({"replicate_after": 3.0}, "replicate_after"),
         ({"spare_after": 0}, "spare_after"),
+        ({"use_half_life": float("nan")}, "use_half_life"),
         ({"replicate_backlog": 0}, "replicate_backlog"),
         ({"max_replicas": 1.5}, "max_replicas"),
         ({"max_loads_per_step": True}, "max_loads_per_step"),
