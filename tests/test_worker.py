@@ -110,8 +110,8 @@ def test_text_prompts_chat_messages_and_streaming(store, redis_url, workers):
     assert len(chunks) >= 1
     streamed_ids = [t for c in chunks for t in c.token_ids]
     streamed_text = "".join(c.text for c in chunks)
-    assert streamed_ids == list(final.token_ids)[: len(streamed_ids)]
-    assert streamed_text == final.text[: len(streamed_text)]
+    assert streamed_ids == list(final.token_ids)
+    assert streamed_text == final.text
 
 
 def test_sigkill_mid_generation_every_job_answered_exactly_once(store, redis_url, workers):
@@ -411,6 +411,39 @@ def test_running_jobs_cost_no_marker_reads_while_nobody_cancels(redis_url, inpro
         for handle in handles:
             handle.cancel()
         turn_until(worker, lambda: not worker.running, timeout=30)
+
+
+def test_streamed_text_adds_up_to_the_result_and_holds_back_a_stop_string_in_the_making(redis_url, inproc):
+    """The chunks' text is the result's text, also when a stop string that spans several tokens
+    ends the job: its beginning, streamed as it came, would be text the result does not have."""
+    worker = inproc()
+    tokenizer = worker.engine.tokenizer
+    spec = dict(prompt_ids=[5, 6, 7], max_new_tokens=24, ignore_eos=True, temperature=0.0)
+    with Producer(redis_url) as producer:
+        free = producer.submit(**spec)
+        turn_until(worker, lambda: bool(worker.running))
+        turn_until(worker, lambda: not worker.running)
+        result = free.result(timeout=30)
+        text, ids = result.text, list(result.token_ids)
+        # a stop string whose first characters are text before the token that completes it
+        prefixes = [tokenizer.decode(ids[:k], skip_special_tokens=True) for k in range(len(ids) + 1)]
+        stop = next(
+            text[i : i + 5]
+            for i in range(len(text) // 3, len(text) - 5)
+            if "\ufffd" not in text[i : i + 5]
+            and text[i : i + 5].strip()
+            and any(p.endswith(text[i : i + 2]) and len(p) == i + 2 for p in prefixes)
+        )
+        streamed = producer.submit(**spec, stream=True, stop=[stop])
+        turn_until(worker, lambda: bool(worker.running))
+        turn_until(worker, lambda: not worker.running)
+        items = list(streamed.stream(timeout=30))
+    chunks, final = items[:-1], items[-1]
+    assert final.finish_reason == "stop_string"
+    assert final.text == text[: text.find(stop)]
+    assert "".join(c.text for c in chunks) == final.text
+    assert [t for c in chunks for t in c.token_ids] == list(final.token_ids)
+    assert [c.seq for c in chunks] == list(range(len(chunks)))
 
 
 def test_an_adapter_that_cannot_be_loaded_gets_adapter_invalid_and_the_worker_goes_on(

@@ -93,6 +93,9 @@ class RunningJob:
     first_token_at: float | None = None
     chunk_seq: int = 0
     decoder: IncrementalDecoder | None = None  # the text of streamed chunks
+    decoded: str = ""  # streaming: the text decoded so far
+    streamed: str = ""  # streaming: the text sent in chunks so far (a prefix of `decoded`)
+    sent_tokens: int = 0  # streaming: tokens sent in chunks so far
     abort_code: ErrorCode | None = None  # why it was aborted: cancelled, deadline; None = hand back
     token_ids: list[int] = field(default_factory=list)
     engine_key: str | None = None  # the adapter version it runs on (name@version)
@@ -106,6 +109,17 @@ class ParkedJob:
     delivery: Delivery
     job: Job
     received_at: float
+
+
+def stop_prefix_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of `text` that is the beginning of a stop string (0 if none)."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest
 
 
 class Worker:
@@ -489,14 +503,26 @@ class Worker:
             job.first_token_at = now
             self.metrics.ttft.observe(now - job.delivery.enqueued_at)
         job.token_ids.extend(output.new_token_ids)
-        if job.job.stream and not output.finished:
+        if job.job.stream and not output.finished:  # a finished job's last chunk goes with its result
             if job.decoder is None:
                 job.decoder = IncrementalDecoder(self._decode)
-            delta = job.decoder.delta(job.token_ids)
-            chunk = Chunk(job.job.id, job.chunk_seq, tuple(output.new_token_ids), delta)
-            assert self._replies is not None  # tokens arrive only inside a step
-            self._replies.chunk(chunk, reply_to=job.job.reply_to, reply_ttl=job.job.reply_ttl)
-            job.chunk_seq += 1
+            job.decoded += job.decoder.delta(job.token_ids)
+            # Text that may still turn out to be the start of a stop string waits (the result cuts
+            # a matched stop string off, and the chunks' text must add up to the result's).
+            held = stop_prefix_len(job.decoded, job.job.sampling.stop)
+            self._chunk(job, job.decoded[len(job.streamed) : len(job.decoded) - held])
+
+    def _chunk(self, job: RunningJob, text: str) -> None:
+        """Stream the tokens not sent yet, with `text` (the text they add to the chunks so far)."""
+        tokens = tuple(job.token_ids[job.sent_tokens :])
+        if not tokens and not text:
+            return
+        chunk = Chunk(job.job.id, job.chunk_seq, tokens, text)
+        assert self._replies is not None  # tokens arrive only inside a step
+        self._replies.chunk(chunk, reply_to=job.job.reply_to, reply_ttl=job.job.reply_ttl)
+        job.chunk_seq += 1
+        job.sent_tokens = len(job.token_ids)
+        job.streamed += text
 
     def _decode(self, token_ids: Sequence[int]) -> str:
         tokenizer = self.engine.tokenizer
@@ -514,6 +540,9 @@ class Worker:
             else:
                 self._fail(job.delivery, job.job, job.abort_code, f"{job.abort_code.value} while running")
             return
+        if job.job.stream:  # the last chunk: the chunks' text adds up to the result's
+            text = out.text or ""
+            self._chunk(job, text[len(job.streamed) :] if text.startswith(job.streamed) else "")
         first = job.first_token_at or now
         reply = Result(
             id=job.job.id, text=out.text or "", token_ids=tuple(out.token_ids),
