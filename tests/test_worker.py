@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -444,6 +445,63 @@ def test_streamed_text_adds_up_to_the_result_and_holds_back_a_stop_string_in_the
     assert "".join(c.text for c in chunks) == final.text
     assert [t for c in chunks for t in c.token_ids] == list(final.token_ids)
     assert [c.seq for c in chunks] == list(range(len(chunks)))
+
+
+def test_engine_steps_that_keep_failing_hand_the_jobs_back_and_then_stop_the_worker(redis_url, inproc):
+    """Three failed steps in a row hand every running job back to the queue (not held forever with
+    its claim refreshed); they run again once steps succeed. An engine that fails whatever it runs
+    (three hand-backs without a token) stops the worker, so that its supervisor restarts it."""
+    from lorafleet.worker import service
+
+    worker = inproc(visibility_timeout=2.0)
+    failing = threading.Event()
+    real_step = worker.engine.step
+
+    def step():
+        if failing.is_set():
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_step()
+
+    worker.engine.step = step
+    spec = dict(max_new_tokens=12, ignore_eos=True, temperature=0.0)
+    with Producer(redis_url) as producer:
+        handles = [producer.submit(prompt_ids=[5, 6, 7 + i], **spec) for i in range(2)]
+        turn_until(worker, lambda: len(worker.running) == 2 and worker.engine.num_running == 2)
+        failing.set()
+        for _ in range(service.STEP_FAILURES_BEFORE_HAND_BACK):
+            with pytest.raises(RuntimeError, match="simulated"):
+                worker.turn()
+        assert not worker.running
+        failing.clear()
+        results = []
+        deadline = time.monotonic() + 60
+        while len(results) < 2:
+            assert time.monotonic() < deadline, "the handed-back jobs did not run again"
+            worker.turn()
+            results = [r for r in (_result_now(h) for h in handles) if r is not None]
+        assert [len(r.token_ids) for r in results] == [12, 12]
+
+        producer.submit(prompt_ids=[9, 9], **spec)
+        turn_until(worker, lambda: bool(worker.running))
+        failing.set()
+        turns = service.STEP_FAILURES_BEFORE_HAND_BACK * service.HAND_BACKS_BEFORE_EXIT
+        for _ in range(turns - 1):
+            with contextlib.suppress(RuntimeError):
+                worker.turn()
+        with pytest.raises(service.EngineBroken):
+            worker.turn()
+        assert not worker.running
+        client = redis.Redis.from_url(redis_url, protocol=2)
+        pending = client.xpending_range(Keys().jobs_of_queue("~base"), Keys.GROUP, "-", "+", 10)
+        assert [p["consumer"] for p in pending] == [b"released"]  # handed back, for another worker
+
+
+def _result_now(handle):
+    """The handle's result if its final reply is in, else None (no waiting)."""
+    try:
+        return handle.result(timeout=0.01)
+    except TimeoutError:
+        return None
 
 
 def test_an_adapter_that_cannot_be_loaded_gets_adapter_invalid_and_the_worker_goes_on(

@@ -72,6 +72,17 @@ log = structlog.get_logger("lorafleet.worker")
 # Running jobs' cancel markers are read when {ns}:cancels moves and at least this often (seconds), for
 # producers that set a marker without bumping the counter (docs/protocol.md, "Cancelling").
 CANCEL_POLL_S = 1.0
+# Engine steps that fail in a row before the running jobs are handed back to the queue: a step that
+# keeps failing (out of memory on a prefill, say) would otherwise hold them, their claims refreshed,
+# forever. Handed back, they run again elsewhere, and one that fails everywhere is dead-lettered.
+STEP_FAILURES_BEFORE_HAND_BACK = 3
+# Hand-backs in a row with no step that produced a token in between: the engine itself is broken (a
+# lost CUDA context cannot recover in-process); the worker exits so that its supervisor restarts it.
+HAND_BACKS_BEFORE_EXIT = 3
+
+
+class EngineBroken(Exception):
+    """Engine steps keep failing whatever jobs they run: the worker exits (status 1)."""
 
 
 class JobFailed(Exception):
@@ -154,6 +165,8 @@ class Worker:
         self._sender = ReplySender(self.redis, [self.keys.cancels], name=f"replies-{config.name}")
         self._cancels_seen: Any = None  # the counter when the markers were last read
         self._next_cancel_poll = 0.0
+        self._step_failures = 0  # engine steps failed in a row
+        self._hand_backs = 0  # hand-backs since the last step that produced a token
         self._engine_key: dict[str, str] = {}  # adapter id -> engine key (name@version) it last ran on
         self.resident: dict[str, ResidentAdapter] = {}
         self.draining = False
@@ -179,6 +192,10 @@ class Worker:
                 self.log.warning("redis unavailable", error=str(exc))
                 time.sleep(1.0)
                 continue
+            except EngineBroken:
+                self.log.critical("engine broken: exiting so that the worker is restarted", exc_info=True)
+                self._shutdown()
+                return 1
             except Exception:  # a bug must not take the worker (and its running jobs) down
                 self.log.exception("worker turn failed")
                 time.sleep(0.5)
@@ -475,7 +492,18 @@ class Worker:
 
     def _step(self) -> None:
         started = time.perf_counter()
-        outputs = self.engine.step()
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:
+            self._step_failures += 1
+            if self._step_failures >= STEP_FAILURES_BEFORE_HAND_BACK:
+                self._step_failures = 0
+                self._hand_backs += 1
+                self._hand_back_running(time.time())
+                if self._hand_backs >= HAND_BACKS_BEFORE_EXIT:
+                    raise EngineBroken(f"{self._hand_backs} hand-backs without a token in between") from exc
+            raise
+        self._step_failures = 0
         self.metrics.step_seconds.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(self.engine.num_running)
         now = time.time()
@@ -484,7 +512,9 @@ class Worker:
         try:
             for output in outputs:
                 job = self.running.get(output.request_id)
-                if job is None:
+                if job is None:  # handed back after failed steps: the engine's copy is dropped
+                    if output.finished:
+                        self.engine.pop_output(output.request_id)
                     continue
                 tokens += len(output.new_token_ids)
                 self._on_tokens(job, output, now)
@@ -493,6 +523,8 @@ class Worker:
         finally:
             replies, self._replies = self._replies, None
             self._sender.submit(replies)  # sent while the next step runs
+        if tokens:
+            self._hand_backs = 0
         self._tokens_window.append((now, tokens))
         self.metrics.tokens.inc(tokens)
 
@@ -528,12 +560,28 @@ class Worker:
         tokenizer = self.engine.tokenizer
         return "" if tokenizer is None else str(tokenizer.decode(token_ids, skip_special_tokens=True))
 
-    def _finish(self, request_id: str, job: RunningJob, now: float) -> None:
+    def _hand_back_running(self, now: float) -> None:
+        """After engine steps failed in a row: every running job leaves this worker (aborted in the
+        engine, which may not step again): handed back to the queue, or answered with the error it
+        was aborted for (cancelled, deadline)."""
+        self.log.error("engine steps keep failing: handing the running jobs back", jobs=len(self.running))
+        for rid, job in list(self.running.items()):
+            self.engine.abort(rid)
+            self._drop_running(rid, job, now)
+            if job.abort_code is None:
+                release(self.redis, self.keys, job.delivery, self.config.visibility_timeout)
+            else:
+                self._fail(job.delivery, job.job, job.abort_code, f"{job.abort_code.value} while running")
+
+    def _drop_running(self, request_id: str, job: RunningJob, now: float) -> None:
         del self.running[request_id]
-        out = self.engine.pop_output(request_id)
         if job.job.adapter is not None and job.job.adapter in self.resident:
             self.resident[job.job.adapter].running -= 1
             self.resident[job.job.adapter].last_used = now
+
+    def _finish(self, request_id: str, job: RunningJob, now: float) -> None:
+        self._drop_running(request_id, job, now)
+        out = self.engine.pop_output(request_id)
         if out.finish_reason == FinishReason.ABORTED:
             if job.abort_code is None:  # handed back by a drain: another worker runs it
                 release(self.redis, self.keys, job.delivery, self.config.visibility_timeout)
