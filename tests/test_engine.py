@@ -197,6 +197,8 @@ def test_stop_token_stop_string_and_max_tokens(models):
     )[0]
     assert by_id.finish_reason == FinishReason.STOP
     assert by_id.token_ids == free.token_ids[: free.token_ids.index(stop_id) + 1]
+    # the text leaves the stop token out (the ids keep it)
+    assert by_id.text == engine.tokenizer.decode(by_id.token_ids[:-1], skip_special_tokens=True)
     stop_text = free.text[len(free.text) // 2 :][:3]
     by_text = engine.generate(
         [GenerationRequest(prompt_ids=[5, 6, 7], max_new_tokens=10, stop=[stop_text], ignore_eos=True)]

@@ -91,6 +91,10 @@ def test_jobs_over_more_adapters_than_slots_are_all_answered_correctly(store, re
         assert list(result.token_ids) == expected_tokens(store, spec["prompt_ids"], spec["adapter"], 6)
         assert result.worker == "w1"
         assert result.usage.completion_tokens == len(result.token_ids)
+        # the version the job ran on: the adapter's content version; none for the base model
+        assert (result.adapter_version is None) == (spec["adapter"] is None)
+        if spec["adapter"] is not None:
+            assert len(result.adapter_version) >= 8
 
 
 def test_text_prompts_chat_messages_and_streaming(store, redis_url, workers):
@@ -324,6 +328,7 @@ def test_cold_adapters_fetched_together_never_overfill_the_adapter_slots(
             for _ in range(20):
                 worker.turn()
             assert len({p.job.adapter for p in worker.parked.values()}) == 2  # one per adapter slot
+            time.sleep(0.3)  # a wait for the store that the parked jobs' timings must show
             store_open.set()
             turn_until(worker, answered)
             results = [h.result(timeout=10) for h in handles]
@@ -331,6 +336,11 @@ def test_cold_adapters_fetched_together_never_overfill_the_adapter_slots(
         store_open.set()
     for spec, result in zip(specs, results, strict=True):
         assert list(result.token_ids) == expected_tokens(store, spec["prompt_ids"], spec["adapter"], 3)
+    # the wait for the adapter is adapter_load: neither queue_wait nor prefill
+    waited = [r.timings for r in results if r.timings.adapter_load >= 0.3]
+    assert waited
+    assert all(t.prefill < t.adapter_load for t in waited)
+    assert all(t.queue_wait < t.adapter_load for t in waited)
 
 
 def test_deadline_stops_a_running_job_at_the_next_step(redis_url, inproc):

@@ -54,7 +54,9 @@ def _register_worker(commands: argparse._SubParsersAction) -> None:
     worker = commands.add_parser(
         "worker",
         help="serve jobs from Redis with one base model and many adapters",
-        description="Serve jobs from Redis. Each flag also reads LORAFLEET_<FLAG>, e.g. LORAFLEET_MAX_LORAS.",
+        description="Serve jobs from Redis. Each flag also reads LORAFLEET_<FLAG>, e.g. LORAFLEET_MAX_LORAS. "
+        "Exit status: 0 after a drain (SIGTERM/SIGINT) or --max-idle, 1 when the engine keeps failing "
+        "whatever it runs (its jobs handed back first), for a supervisor to restart it.",
     )
     for flag, kind, text in _WORKER_FLAGS:
         worker.add_argument(f"--{flag}", type=kind, default=None, help=text)

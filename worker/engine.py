@@ -428,9 +428,11 @@ class Engine:
         """The final output of a finished request (removed from the engine's memory)."""
         seq = self._finished.pop(request_id)
         text = seq.text
-        if text is None and self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
         reason = seq.finish_reason or FinishReason.ABORTED
+        if text is None and self.tokenizer is not None:
+            # The text leaves out the EOS or stop token that ended the output (the ids keep it).
+            ids = seq.output_ids[:-1] if reason == FinishReason.STOP else seq.output_ids
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
         return GenerationOutput(
             seq.request_id, list(seq.output_ids), reason, text, len(seq.request.prompt_ids)
         )

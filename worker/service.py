@@ -376,8 +376,9 @@ class Worker:
                 if resolved is not None:
                     resolved[job.adapter] = engine_adapter
             if engine_adapter is None:  # on its way from the store: park it, the loop goes on
+                received = now if received_at is None else received_at  # parked again: keep the first
                 self.parked.setdefault(
-                    f"{delivery.stream} {delivery.entry_id}", ParkedJob(delivery, job, now)
+                    f"{delivery.stream} {delivery.entry_id}", ParkedJob(delivery, job, received)
                 )
                 return
         sampling = job.sampling
@@ -592,14 +593,17 @@ class Worker:
             text = out.text or ""
             self._chunk(job, text[len(job.streamed) :] if text.startswith(job.streamed) else "")
         first = job.first_token_at or now
+        started = job.received_at + job.adapter_load  # after the wait for its adapter, if any
         reply = Result(
             id=job.job.id, text=out.text or "", token_ids=tuple(out.token_ids),
             finish_reason=str(out.finish_reason),
             usage=Usage(out.prompt_tokens, len(out.token_ids)),
             timings=Timings(queue_wait=max(0.0, job.received_at - job.delivery.enqueued_at),
-                            adapter_load=job.adapter_load, prefill=max(0.0, first - job.received_at),
+                            adapter_load=job.adapter_load, prefill=max(0.0, first - started),
                             decode=max(0.0, now - first)),
-            worker=self.config.name, metadata=job.job.metadata,
+            worker=self.config.name,
+            adapter_version=job.engine_key.partition("@")[2] or None if job.engine_key else None,
+            metadata=job.job.metadata,
         )  # fmt: skip
         self._final(job.delivery, job.job, reply)
         self.metrics.jobs.labels(adapter=job.job.adapter or "").inc()
