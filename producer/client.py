@@ -48,10 +48,11 @@ def new_client_id() -> str:
 def resolve_config(
     redis_url: str | None, config: ProducerConfig | None, settings: dict[str, Any]
 ) -> ProducerConfig:
-    """`config` (default: ProducerConfig()) with `redis_url` and `settings` applied."""
+    """`config` (default: ProducerConfig.from_env(), the LORAFLEET_* variables) with `redis_url` and
+    `settings` applied."""
     if redis_url is not None:
         settings = {**settings, "redis_url": redis_url}
-    return (config or ProducerConfig()).with_settings(**settings)
+    return (config or ProducerConfig.from_env()).with_settings(**settings)
 
 
 def merge_prompt(prompt: str | None, spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -136,7 +137,8 @@ class Producer:
     """Submit jobs to lorafleet workers over Redis and read their replies (thread-safe).
 
     Producer(redis_url, namespace=..., client_id=..., max_waiting_per_adapter=..., reply_ttl=...):
-    keyword settings are the fields of `ProducerConfig`; pass `config=` to start from one.
+    keyword settings are the fields of `ProducerConfig`, over the LORAFLEET_* environment variables
+    (`ProducerConfig.from_env()`); pass `config=` to start from a config of your own instead.
     """
 
     def __init__(

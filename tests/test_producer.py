@@ -345,3 +345,22 @@ def test_redis_restart(redis_server_factory):
         with MinimalWorker(server.url):
             assert producer.submit("after").result(5).text == "base: after"
             assert [h.result(5).text for h in producer.submit_many([{"prompt": "m"}])] == ["base: m"]
+
+
+def test_a_producer_reads_the_lorafleet_variables_and_arguments_win(redis_url, monkeypatch):
+    """As the README says: LORAFLEET_* set the defaults of a Producer (a backend configured like its
+    workers submits to their namespace); an argument or an explicit config wins."""
+    from lorafleet.producer import ProducerConfig
+
+    monkeypatch.setenv("LORAFLEET_NAMESPACE", "envns")
+    monkeypatch.setenv("LORAFLEET_MAX_WAITING_PER_ADAPTER", "5")
+    monkeypatch.setenv("LORAFLEET_REDIS_URL", "redis://203.0.113.1:1/0")  # unreachable: must lose to the URL
+    with Producer(redis_url) as producer:
+        assert producer.config.namespace == "envns"
+        assert producer.config.max_waiting_per_adapter == 5
+        assert producer.keys.namespace == "envns"
+        assert producer.config.redis_url == redis_url
+    with Producer(redis_url, namespace="arg") as producer:
+        assert producer.config.namespace == "arg"
+    with Producer(redis_url, config=ProducerConfig()) as producer:
+        assert producer.config.namespace == "lorafleet"
