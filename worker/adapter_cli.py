@@ -295,7 +295,12 @@ def _control(args: argparse.Namespace) -> int:
         return _fail(
             "error: --model and --store (or LORAFLEET_MODEL, LORAFLEET_ADAPTERS) are required", EXIT_USAGE
         )
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    level = os.environ.get("LORAFLEET_LOG_LEVEL", "info").upper()
+    if not isinstance(getattr(logging, level, None), int):
+        return _fail(
+            f"error: LORAFLEET_LOG_LEVEL must be debug, info, warning or error, not {level!r}", EXIT_USAGE
+        )
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = ControlConfig(
         store=store,
         model=model,

@@ -161,7 +161,12 @@ def _register_demo(commands: argparse._SubParsersAction) -> None:
     add("--adapters-count", type=int, metavar="N", default=8, help="adapters, mixed ranks (default 8)")
     add("--workers", type=int, metavar="N", default=1, help="worker processes (default 1)")
     add("--redis-url", metavar="URL", default=None, help="use this Redis (default: start the embedded one)")
-    add("--adapters", metavar="DIR", default=None, help="adapter folder to write into (default: a temp dir)")
+    add(
+        "--adapters",
+        metavar="DIR",
+        default=None,
+        help="adapter folder or s3://bucket/prefix to write into (default: a temp dir)",
+    )
     add("--model", metavar="DIR", default=None, help="a Hugging Face model dir (default: a synthetic one)")
     add("--device", metavar="DEV", default="auto", help="cpu or cuda[:N] (default: cuda if any)")
     add("--max-new-tokens", type=int, metavar="N", default=16, help="tokens generated per job (default 16)")

@@ -235,9 +235,11 @@ class Engine:
             raise ValueError(
                 f"prompt_ids hold a token id >= the vocabulary size {self.model.spec.vocab_size}"
             )
-        if self.kv.blocks_for(self._budget(request)) > self.kv.num_blocks:
+        budget = self._budget(request)
+        if self.kv.blocks_for(budget) > self.kv.num_blocks:
             raise PromptTooLong(
-                f"prompt of {prompt_len} tokens does not fit a KV cache of {self.kv.info.tokens} tokens"
+                f"prompt of {prompt_len} tokens with max_new_tokens {request.max_new_tokens} needs "
+                f"{budget} tokens of KV cache; this worker's holds {self.kv.info.tokens}"
             )
         request_id = request.request_id or f"req-{next(self._ids)}"
         eos = self.model.spec.eos_token_ids
