@@ -255,7 +255,7 @@ def test_a_job_delivered_too_often_goes_to_the_dead_letter_stream_with_an_error_
     keys = Keys()
     client = redis.Redis.from_url(redis_url, protocol=2)
     with Producer(redis_url) as producer:
-        handle = producer.submit(prompt_ids=[5, 6], adapter="team-0", max_new_tokens=3)
+        handle = producer.submit(prompt_ids=[5, 6], adapter="team-0", max_new_tokens=3, metadata={"t": 7})
         # A worker that took the job and died without a trace: delivered once, never acknowledged.
         stream = keys.jobs("team-0")
         client.xreadgroup(keys.group, "vanished", {stream: ">"}, count=1)
@@ -264,6 +264,7 @@ def test_a_job_delivered_too_often_goes_to_the_dead_letter_stream_with_an_error_
             handle.result(timeout=60)
     assert failure.value.code == ErrorCode.WORKER_ERROR
     assert "delivered 2 times" in str(failure.value)
+    assert failure.value.reply.metadata == {"t": 7}  # echoed, as on every reply
     dead = client.xrange(keys.dead)
     assert len(dead) == 1
     assert client.xpending(stream, keys.group)["pending"] == 0  # acknowledged, not left pending

@@ -685,8 +685,9 @@ class Worker:
             dead_letter(self.redis, self.keys, delivery, reason, deliveries=deliveries)
             return
         reply = ErrorReply.of(
-            job.id, ErrorCode.WORKER_ERROR, reason, retryable=False, worker=self.config.name
-        )
+            job.id, ErrorCode.WORKER_ERROR, reason, retryable=False, worker=self.config.name,
+            metadata=job.metadata,
+        )  # fmt: skip
         dead_letter(
             self.redis, self.keys, delivery, reason, deliveries=deliveries, reply=reply,
             reply_to=job.reply_to, reply_ttl=job.reply_ttl,
