@@ -484,6 +484,11 @@ def test_engine_steps_that_keep_failing_hand_the_jobs_back_and_then_stop_the_wor
                 worker.turn()
         assert not worker.running
         failing.clear()
+        # Claimed again at once, before the engine retired their aborted sequences: each must run
+        # as a new request, not be taken for its old sequence (and bounced back to the queue).
+        worker._next["recover"] = 0.0
+        worker.turn()
+        assert len(worker.running) == 2
         results = []
         deadline = time.monotonic() + 60
         while len(results) < 2:

@@ -11,10 +11,12 @@ jobs finish within the drain timeout, the rest are handed back for other workers
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -166,6 +168,9 @@ class Worker:
         self._cancels_seen: Any = None  # the counter when the markers were last read
         self._next_cancel_poll = 0.0
         self._step_failures = 0  # engine steps failed in a row
+        # Numbers each start, so that a request id is never reused: a job handed back and claimed
+        # again before the engine retired its old sequence must not be taken for it.
+        self._starts = itertools.count()
         self._hand_backs = 0  # hand-backs since the last step that produced a token
         self._engine_key: dict[str, str] = {}  # adapter id -> engine key (name@version) it last ran on
         self.resident: dict[str, ResidentAdapter] = {}
@@ -382,13 +387,16 @@ class Worker:
                 )
                 return
         sampling = job.sampling
+        name = f"{delivery.entry_id}/{job.id}"
+        # Unseeded jobs sample with a seed of their own entry and id: a re-run draws the same tokens.
+        seed = sampling.seed if sampling.seed is not None else zlib.crc32(name.encode())
         try:
             request = GenerationRequest(
                 prompt_ids=self._prompt_ids(job), adapter=engine_adapter,
                 max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                top_p=sampling.top_p, top_k=sampling.top_k, seed=sampling.seed,
+                top_p=sampling.top_p, top_k=sampling.top_k, seed=seed,
                 stop=list(sampling.stop), stop_token_ids=list(sampling.stop_token_ids),
-                ignore_eos=sampling.ignore_eos, request_id=delivery.entry_id + "/" + job.id,
+                ignore_eos=sampling.ignore_eos, request_id=f"{name}/{next(self._starts)}",
             )  # fmt: skip
             rid = self.engine.add_request(request)
         except PromptTooLong as exc:
