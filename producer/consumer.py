@@ -228,11 +228,19 @@ class ReplyBatch:
             return []
         pipe = r.pipeline(transaction=False)
         calls = [(_CHUNKS if kind == "chunks" else _FINAL, keys, argv) for kind, (keys, argv) in ops]
+        load_chunks = any(script is _CHUNKS for script, _, _ in calls)
+        if load_chunks:
+            # Chunks must never fall back to EVAL after the pipeline: a job's last chunk would land
+            # after its final reply when FINAL is cached and CHUNKS is not (older workers, a flush),
+            # and clients drop a chunk after the final. SCRIPT LOAD first makes CHUNKS known.
+            pipe.script_load(_CHUNKS.text)
         for script, keys, argv in calls:
             pipe.evalsha(script.sha, len(keys), *keys, *argv)
         if read_keys:
             pipe.mget(list(read_keys))
         results = iter(pipe.execute(raise_on_error=False))
+        if load_chunks:
+            next(results)
         for script, keys, argv in calls:
             outcome = next(results)
             if isinstance(outcome, NoScriptError):  # a restarted server: EVAL loads the script

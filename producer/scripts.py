@@ -91,12 +91,16 @@ return 1
 CHUNKS = """\
 -- lorafleet streamed chunks, protocol v1: XADD each chunk to its reply stream and refresh its expiry
 -- KEYS[i] reply stream of chunk i   ARGV[2i-1] chunk i (msgpack)   ARGV[2i] its reply TTL (ms)
--- Returns the number of chunks written.
+-- Returns the number of chunks written: one that fails (a key of another type) does not stop the rest.
+local written = 0
 for i, key in ipairs(KEYS) do
-  redis.call('XADD', key, '*', 'r', ARGV[2 * i - 1])
-  redis.call('PEXPIRE', key, ARGV[2 * i])
+  local id = redis.pcall('XADD', key, '*', 'r', ARGV[2 * i - 1])
+  if type(id) ~= 'table' or not id.err then
+    redis.pcall('PEXPIRE', key, ARGV[2 * i])
+    written = written + 1
+  end
 end
-return #KEYS
+return written
 """
 
 DEAD = """\

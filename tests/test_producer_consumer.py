@@ -147,6 +147,39 @@ def test_a_reply_batch_of_chunks_appends_each_to_its_stream_and_sets_its_expiry(
         assert ttl * 1000 - 5000 < redis_client.pttl(stream) <= ttl * 1000
 
 
+def test_a_jobs_last_chunk_precedes_its_result_when_only_final_is_cached(redis_url, redis_client):
+    """After a script flush an older worker may load FINAL alone: the batch's chunk must still land
+    before the final reply, or the client drops it as coming after the final."""
+    from lorafleet.producer import scripts
+
+    with Producer(redis_url) as producer:
+        handle = producer.submit("s", adapter="a", stream=True)
+        (delivery,) = consumer.read_jobs(redis_client, KEYS, ["a"], "w1")
+        job = decode_job(delivery.payload, KEYS)
+        redis_client.script_flush()
+        redis_client.script_load(scripts.FINAL)
+        batch = consumer.ReplyBatch()
+        batch.chunk(Chunk(job.id, 0, (7,), "last words"), reply_to=job.reply_to, reply_ttl=30)
+        batch.final(delivery.stream, delivery.entry_id, Result(id=job.id, text="last words"),
+                    reply_to=job.reply_to, reply_ttl=30)  # fmt: skip
+        batch.flush(redis_client)
+        parts = list(handle.stream(timeout=5))
+    assert [type(p).__name__ for p in parts] == ["Chunk", "Result"]
+    assert parts[0].text == parts[1].text == "last words"
+
+
+def test_a_chunk_for_a_broken_reply_stream_does_not_stop_the_others(redis_client):
+    """A reply key of the wrong type (someone SET it) loses its own chunk only."""
+    batch = consumer.ReplyBatch()
+    broken, fine = KEYS.reply("broken"), KEYS.reply("fine")
+    redis_client.set(broken, "not a stream")
+    for stream in (broken, fine):
+        batch.chunk(Chunk("job", 0, (1,), "x"), reply_to=stream, reply_ttl=30)
+    batch.flush(redis_client)
+    assert redis_client.xlen(fine) == 1
+    assert redis_client.get(broken) == b"not a stream"
+
+
 def test_dead_letter_with_and_without_reply(redis_url, redis_client):
     with Producer(redis_url) as producer:
         handle = producer.submit("poison", adapter="a")
