@@ -369,3 +369,31 @@ def test_a_projection_tensor_without_its_group_is_refused_not_dropped(models):
     weights["model.layers.0.self_attn.q_proj.bias"] = bias[: config.hidden_size]
     with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj\.bias: the other projections"):
         DecoderModel(config, weights, torch.device("cpu"), torch.float32)
+
+
+def test_outputs_retired_before_a_failed_forward_come_with_the_next_step(models):
+    """A request aborted (and retired) in a step whose forward then raises is reported by the next
+    step, not lost: the worker would otherwise wait for it forever."""
+    model_dir, adapters = models["llama"]
+    engine = _engine(model_dir, adapters)
+    kept = engine.add_request(GenerationRequest(prompt_ids=[5, 6, 7], max_new_tokens=4, ignore_eos=True))
+    dropped = engine.add_request(GenerationRequest(prompt_ids=[5, 6, 8], max_new_tokens=4, ignore_eos=True))
+    engine.step()
+    engine.abort(dropped)
+    forward = engine._forward
+
+    def broken(batch):
+        raise RuntimeError("out of memory (simulated)")
+
+    engine._forward = broken
+    with pytest.raises(RuntimeError, match="simulated"):
+        engine.step()
+    engine._forward = forward
+    outputs = engine.step()
+    assert [(o.request_id, o.finish_reason) for o in outputs if o.finished] == [
+        (dropped, FinishReason.ABORTED)
+    ]
+    assert engine.pop_output(dropped).finish_reason == FinishReason.ABORTED
+    while engine.has_unfinished():
+        engine.step()
+    assert len(engine.pop_output(kept).token_ids) == 4

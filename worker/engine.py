@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
 import torch
 
 from lorafleet.worker.adapters import AdapterError, AdapterSlots, LoraAdapter, parse_adapter, read_adapter_dir
@@ -31,6 +32,8 @@ from lorafleet.worker.kv_cache import KVCache, KVCacheInfo
 from lorafleet.worker.model import DecoderModel
 from lorafleet.worker.sampling import SamplingBatch, greedy, sample
 from lorafleet.worker.sequence import FinishReason, GenerationOutput, GenerationRequest, Sequence, StepOutput
+
+log = structlog.get_logger("lorafleet.engine")
 
 
 class PromptTooLong(ValueError):
@@ -96,6 +99,7 @@ class Engine:
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
         self._finished: dict[str, Sequence] = {}
+        self._carried: list[StepOutput] = []  # outputs of a step whose forward raised
         self._ids = itertools.count()
         self.stats = {"adapter_loads": 0, "adapter_evictions": 0, "adapter_hits": 0}
 
@@ -322,20 +326,28 @@ class Engine:
         return True
 
     def step(self) -> list[StepOutput]:
-        """Admit, run one forward over all running sequences, sample, retire the finished ones."""
-        outputs = self._admit()
+        """Admit, run one forward over all running sequences, sample, retire the finished ones.
+
+        If the forward raises, the outputs of requests retired before it (aborted, refused) come
+        with the next step instead of being lost.
+        """
+        outputs, self._carried = self._carried + self._admit(), []
         outputs += self._retire([s for s in self._running if s.is_finished])
         if not self._running:
             return outputs
         seqs = self._running
-        for seq in seqs:
-            self.kv.grow(seq.block_table, seq.length)
-        batch = build_step_batch(seqs, self.kv.block_size, self.device)
-        logits = self._forward(batch)  # [B, V]
-        if all(s.request.temperature == 0 for s in seqs):
-            next_ids = greedy(logits).tolist()  # no per-row parameters to copy to the device
-        else:
-            next_ids = sample(logits, self._sampling_batch(seqs)).tolist()
+        try:
+            for seq in seqs:
+                self.kv.grow(seq.block_table, seq.length)
+            batch = build_step_batch(seqs, self.kv.block_size, self.device)
+            logits = self._forward(batch)  # [B, V]
+            if all(s.request.temperature == 0 for s in seqs):
+                next_ids = greedy(logits).tolist()  # no per-row parameters to copy to the device
+            else:
+                next_ids = sample(logits, self._sampling_batch(seqs)).tolist()
+        except Exception:
+            self._carried = outputs
+            raise
         for seq, token in zip(seqs, next_ids, strict=True):
             seq.num_cached = seq.length
             seq.output_ids.append(int(token))
@@ -350,7 +362,13 @@ class Engine:
     def _forward(self, batch: StepBatch) -> torch.Tensor:
         if self.graphs is not None and self.graphs.can_run(batch):
             if not self.graphs.captured:
-                self.graphs.capture()  # once, at the first decode step
+                try:
+                    self.graphs.capture()  # once, at the first decode step
+                except Exception:  # e.g. out of memory: serve without graphs rather than not at all
+                    log.warning("CUDA graph capture failed: decoding without graphs", exc_info=True)
+                    self.graphs = None
+                    torch.cuda.empty_cache()
+                    return self.model.forward(batch, self.kv, self.slots)
             return self.graphs.run(batch)
         return self.model.forward(batch, self.kv, self.slots)
 
