@@ -574,6 +574,7 @@ class Worker:
         engine, which may not step again): handed back to the queue, or answered with the error it
         was aborted for (cancelled, deadline)."""
         self.log.error("engine steps keep failing: handing the running jobs back", jobs=len(self.running))
+        self._sender.wait(10.0)  # the last steps' chunks first: error replies must not overtake them
         for rid, job in list(self.running.items()):
             self.engine.abort(rid)
             self._drop_running(rid, job, now)
