@@ -140,8 +140,36 @@ def pickle_in_disguise(path: Path) -> None:
     torch.save(tensors, path / "adapter_model.safetensors")
 
 
+def config_edit(**changes):
+    """A spoiler that rewrites adapter_config.json with `changes` (a key set to None is removed)."""
+
+    def spoil(path: Path) -> None:
+        config = json.loads((path / "adapter_config.json").read_text())
+        config.update(changes)
+        (path / "adapter_config.json").write_text(json.dumps(config))
+
+    return spoil
+
+
+def config_text(text: str):
+    def spoil(path: Path) -> None:
+        (path / "adapter_config.json").write_text(text)
+
+    return spoil
+
+
 # case: (write_adapter options, how to spoil the files, plane limits, words of the reason)
 REJECTIONS = {
+    "config not JSON": (dict(rank=8), config_text("{"), {}, "adapter_config.json is not valid JSON"),
+    "config a list": (dict(rank=8), config_text("[8]"), {}, "must hold an object, not a list"),
+    "rank not a number": (dict(rank=8), config_edit(r="four"), {}, "r must be an integer, not 'four'"),
+    "alpha not a number": (dict(rank=8), config_edit(lora_alpha=[1]), {}, "lora_alpha must be a number"),
+    "target_modules short of the weights": (
+        dict(rank=8),
+        config_edit(target_modules=["q_proj"]),
+        {},
+        "target_modules lists only",
+    ),
     "rank too large": (dict(rank=32), None, {}, "rank 32 is outside 1..16"),
     "NaN weights": (dict(rank=8), nan_weights, {}, "NaN or Inf"),
     "pickle named .safetensors": (dict(rank=8), pickle_in_disguise, {}, "cannot be read"),

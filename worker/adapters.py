@@ -121,6 +121,10 @@ def parse_adapter(
     max_rank, unknown target module, missing or extra tensors, wrong shapes, NaN or Inf (also a
     value that overflows `dtype`). With `pin_memory` the stacks are page-locked from the start (CUDA).
     """
+    if not isinstance(config, Mapping):
+        raise AdapterError(
+            f"adapter {name!r}: adapter_config.json must hold an object, not a {type(config).__name__}"
+        )
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise AdapterError(f"adapter {name!r}: peft_type must be LORA, not {config.get('peft_type')!r}")
     for option in ("rank_pattern", "alpha_pattern", "layers_to_transform", "modules_to_save"):
@@ -128,15 +132,27 @@ def parse_adapter(
             raise AdapterError(f"adapter {name!r}: {option} is not supported")
     if config.get("use_dora"):
         raise AdapterError(f"adapter {name!r}: DoRA adapters are not supported")
-    rank = int(config.get("r", 0))
+    rank = _config_number(name, config, "r", 0, integer=True)
     if not 1 <= rank <= max_rank:
         raise AdapterError(
             f"adapter {name!r}: rank {rank} is outside 1..{max_rank} (max_rank of this engine)"
         )
-    alpha = float(config.get("lora_alpha", rank))
+    alpha = float(_config_number(name, config, "lora_alpha", rank))
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     stacks = _stack(name, tensors, shapes, rank, dtype, pin_memory)
     return LoraAdapter(name=name, rank=rank, scale=scale, targets=tuple(stacks), stacks=stacks)
+
+
+def _config_number(
+    name: str, config: Mapping[str, Any], key: str, default: float, integer: bool = False
+) -> Any:
+    """config[key] as a number (an integer with `integer`), else AdapterError naming the field."""
+    value = config.get(key, default)
+    number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or (integer and value != int(value)):
+        kind = "an integer" if integer else "a number"
+        raise AdapterError(f"adapter {name!r}: adapter_config.json {key} must be {kind}, not {value!r}")
+    return int(value) if integer else value
 
 
 def _has_nan_or_inf(tensor: torch.Tensor) -> bool:
