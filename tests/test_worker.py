@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -35,7 +36,7 @@ def store(tmp_path_factory):
     return model, adapters
 
 
-def start_worker(store, redis_url, name, *extra):
+def start_worker(store, redis_url, name, *extra, stderr=None):
     model, adapters = store
     args = [
         sys.executable, "-m", "lorafleet.producer.cli", "worker", "--redis-url", redis_url,
@@ -44,15 +45,16 @@ def start_worker(store, redis_url, name, *extra):
         "--kv-cache-tokens", "4096", "--visibility-timeout", "2", "--drain-timeout", "20", *extra,
     ]  # fmt: skip
     env = {**os.environ, "LORAFLEET_CACHE_DIR": str(model.parent / "cache")}
-    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=None, env=env)
+    log = None if stderr is None else open(stderr, "wb")  # noqa: SIM115 (the child holds it)
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, env=env)
 
 
 @pytest.fixture
 def workers(store, redis_url):
     started: list[subprocess.Popen] = []
 
-    def start(name, *extra):
-        proc = start_worker(store, redis_url, name, *extra)
+    def start(name, *extra, stderr=None):
+        proc = start_worker(store, redis_url, name, *extra, stderr=stderr)
         started.append(proc)
         return proc
 
@@ -239,6 +241,16 @@ def test_status_shows_the_fleet_and_metrics_are_served(store, redis_url, workers
     )  # fmt: skip
     assert "observed" in out.stdout
     assert "team-2" in out.stdout
+    status = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "lorafleet.producer.cli", "status", "--redis-url", redis_url, "--json"],
+            capture_output=True, text=True, check=True,
+        ).stdout
+    )  # fmt: skip
+    (entry,) = status["workers"]
+    assert entry["id"] == "observed"
+    assert "team-2" in entry["resident"]
+    assert status["dead_letters"] == 0
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     assert metric(text, "lorafleet_queue_wait_seconds_count") == 1
     assert metric(text, "lorafleet_ttft_seconds_count") == 1
@@ -250,16 +262,19 @@ def test_status_shows_the_fleet_and_metrics_are_served(store, redis_url, workers
 
 
 def test_a_job_delivered_too_often_goes_to_the_dead_letter_stream_with_an_error_reply(
-    store, redis_url, workers
+    store, redis_url, workers, tmp_path
 ):
     keys = Keys()
+    port = free_port()
+    log_file = tmp_path / "judge.log"
     client = redis.Redis.from_url(redis_url, protocol=2)
     with Producer(redis_url) as producer:
         handle = producer.submit(prompt_ids=[5, 6], adapter="team-0", max_new_tokens=3, metadata={"t": 7})
         # A worker that took the job and died without a trace: delivered once, never acknowledged.
         stream = keys.jobs("team-0")
         client.xreadgroup(keys.group, "vanished", {stream: ">"}, count=1)
-        workers("judge", "--max-deliveries", "1")
+        workers("judge", "--max-deliveries", "1", "--metrics-port", str(port), "--log-level", "debug",
+                stderr=log_file)  # fmt: skip
         with pytest.raises(JobFailed) as failure:
             handle.result(timeout=60)
     assert failure.value.code == ErrorCode.WORKER_ERROR
@@ -268,6 +283,13 @@ def test_a_job_delivered_too_often_goes_to_the_dead_letter_stream_with_an_error_
     dead = client.xrange(keys.dead)
     assert len(dead) == 1
     assert client.xpending(stream, keys.group)["pending"] == 0  # acknowledged, not left pending
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert metric(text, "lorafleet_redeliveries_total") == 1
+    assert metric(text, "lorafleet_dead_letters_total") == 1
+    # JSON log lines bound with the job, its adapter and the worker
+    lines = [json.loads(line) for line in log_file.read_text().splitlines() if line.startswith("{")]
+    (dead,) = [e for e in lines if e.get("event") == "dead-lettered"]
+    assert (dead["job"], dead["adapter"], dead["worker"]) == (handle.job.id, "team-0", "judge")
 
 
 # ----- in process, turn by turn: the worker loop's decisions without the races of a subprocess -----

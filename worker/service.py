@@ -353,7 +353,7 @@ class Worker:
         except JobFailed as exc:
             self._fail(delivery, job, exc.code, str(exc))
         except Exception as exc:  # a bug or a broken adapter file must not take the worker down
-            self.log.exception("job failed to start", job=job.id)
+            self.log.exception("job failed to start", job=job.id, adapter=job.adapter)
             self._fail(delivery, job, ErrorCode.WORKER_ERROR, f"{type(exc).__name__}: {exc}")
 
     def _start(
@@ -479,6 +479,7 @@ class Worker:
 
     def _fail(self, delivery: Delivery, job: Job, code: ErrorCode, message: str) -> None:
         self.metrics.errors.labels(code=str(code)).inc()
+        self.log.info("job failed", job=job.id, adapter=job.adapter, code=str(code), message=message)
         reply = ErrorReply.of(job.id, code, message, worker=self.config.name, metadata=job.metadata)
         self._final(delivery, job, reply)
 
@@ -616,6 +617,10 @@ class Worker:
         )  # fmt: skip
         self._final(job.delivery, job.job, reply)
         self.metrics.jobs.labels(adapter=job.job.adapter or "").inc()
+        self.log.debug(
+            "job finished", job=job.job.id, adapter=job.job.adapter, finish_reason=reply.finish_reason,
+            tokens=len(out.token_ids),
+        )  # fmt: skip
 
     # ----- housekeeping -----
 
@@ -701,7 +706,7 @@ class Worker:
             self.redis, self.keys, delivery, reason, deliveries=deliveries, reply=reply,
             reply_to=job.reply_to, reply_ttl=job.reply_ttl,
         )  # fmt: skip
-        self.log.warning("dead-lettered", job=job.id, deliveries=deliveries)
+        self.log.warning("dead-lettered", job=job.id, adapter=job.adapter, deliveries=deliveries)
 
     def _heartbeat(self, now: float) -> None:
         horizon = now - 10.0
