@@ -575,3 +575,21 @@ def test_a_drain_hands_back_jobs_still_waiting_for_their_adapter(redis_url, inpr
         rescuer = inproc(name="rescuer")
         turn_until(rescuer, lambda: client.xlen(Keys().jobs("team-0")) == 0)
         assert handle.result(timeout=10).worker == "rescuer"
+
+
+def test_worker_settings_come_from_lorafleet_variables_and_flags_win():
+    from lorafleet.worker.config import WorkerConfig
+
+    env = {
+        "LORAFLEET_MODEL": "m", "LORAFLEET_ADAPTERS": "a", "LORAFLEET_MAX_LORAS": "4",
+        "LORAFLEET_MAX_WAIT": "1.5", "LORAFLEET_DEVICE": "cuda:1", "LORAFLEET_NAME": "from-env",
+    }  # fmt: skip
+    config = WorkerConfig.from_env({"name": "from-flag", "max_batch": None}, env=env)
+    assert (config.model, config.adapters, config.max_loras, config.max_wait) == ("m", "a", 4, 1.5)
+    assert (config.device, config.name) == ("cuda:1", "from-flag")
+    with pytest.raises(ValueError, match="adapters is required"):
+        WorkerConfig.from_env(env={"LORAFLEET_MODEL": "m"})
+    with pytest.raises(ValueError, match="LORAFLEET_MAX_LORAS='four' is not a valid int"):
+        WorkerConfig.from_env(env={**env, "LORAFLEET_MAX_LORAS": "four"})
+    with pytest.raises(ValueError, match="max_loras must be > 0"):
+        WorkerConfig.from_env(env={**env, "LORAFLEET_MAX_LORAS": "0"})
