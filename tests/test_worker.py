@@ -366,6 +366,43 @@ def test_cold_adapters_fetched_together_never_overfill_the_adapter_slots(
     assert all(t.queue_wait < t.adapter_load for t in waited)
 
 
+def test_no_compute_for_a_job_cancelled_or_expired_before_it_ran(redis_url, inproc, monkeypatch):
+    """A job cancelled while still queued, one cancelled while it waits for its adapter, and one
+    whose deadline passes while it waits: each gets its error reply and never reaches the engine."""
+    worker = inproc()
+    store_open = threading.Event()  # fetches wait for it: a slow store
+    fetch = worker.adapters._fetch
+    monkeypatch.setattr(worker.adapters, "_fetch", lambda load: (store_open.wait(30), fetch(load)))
+    added = []
+    add_request = worker.engine.add_request
+    monkeypatch.setattr(
+        worker.engine, "add_request", lambda request: added.append(request) or add_request(request)
+    )
+    try:
+        with Producer(redis_url) as producer:
+            queued = producer.submit(prompt_ids=[5, 6], max_new_tokens=3)
+            queued.cancel()  # before any worker read it
+            parked = producer.submit(prompt_ids=[5, 6], adapter="team-3", max_new_tokens=3)
+            expiring = producer.submit(prompt_ids=[5, 6], adapter="team-4", max_new_tokens=3, timeout=1.0)
+            for _ in range(10):
+                worker.turn()
+            assert {p.job.id for p in worker.parked.values()} == {parked.id, expiring.id}
+            parked.cancel()
+            time.sleep(max(0.0, expiring.job.deadline - time.time()) + 0.05)
+            turn_until(worker, lambda: not worker.parked, timeout=30)
+            codes = {}
+            for handle in (queued, parked, expiring):
+                with pytest.raises(JobFailed) as failure:
+                    handle.result(timeout=10)
+                codes[handle.id] = failure.value.code
+    finally:
+        store_open.set()
+    assert codes[queued.id] == ErrorCode.CANCELLED
+    assert codes[parked.id] == ErrorCode.CANCELLED
+    assert codes[expiring.id] == ErrorCode.DEADLINE_EXCEEDED
+    assert added == []  # none of them reached the engine
+
+
 def test_deadline_stops_a_running_job_at_the_next_step(redis_url, inproc):
     worker = inproc()
     with Producer(redis_url) as producer:
