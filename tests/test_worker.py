@@ -403,6 +403,28 @@ def test_no_compute_for_a_job_cancelled_or_expired_before_it_ran(redis_url, inpr
     assert added == []  # none of them reached the engine
 
 
+def test_a_drain_that_runs_out_of_time_hands_a_running_job_to_another_worker(redis_url, inproc):
+    """SIGTERM with a job that outlives the drain timeout: the job is handed back and answered once,
+    in full, by another worker."""
+    draining = inproc(name="draining", drain_timeout=0.3, visibility_timeout=2.0)
+    step = draining.engine.step
+    draining.engine.step = lambda: (time.sleep(0.005), step())[1]  # 300 steps outlast the drain
+    with Producer(redis_url) as producer:
+        handle = producer.submit(prompt_ids=[5, 6, 7], max_new_tokens=300, ignore_eos=True, temperature=0.0)
+        turn_until(draining, lambda: any(j.token_ids for j in draining.running.values()))
+        draining._on_signal(signal.SIGTERM, None)
+        turn_until(
+            draining, lambda: not draining.running and not draining.engine.has_unfinished(), timeout=30
+        )
+        draining.wait_replies()
+        other = inproc(name="other", visibility_timeout=2.0)
+        turn_until(other, lambda: bool(other.running), timeout=30)
+        turn_until(other, lambda: not other.running, timeout=120)
+        result = handle.result(timeout=10)
+    assert result.worker == "other"
+    assert len(result.token_ids) == 300
+
+
 def test_deadline_stops_a_running_job_at_the_next_step(redis_url, inproc):
     worker = inproc()
     with Producer(redis_url) as producer:
