@@ -1,8 +1,8 @@
 """Pushed adapter versions through a real `lorafleet worker` process: what a job sees.
 
-The adapter store is a local folder; versions are uploaded and marked ready in the registry as the
-control plane would (test_adapter_control covers the control plane itself). Jobs go through the
-Producer, so these tests check the worker's side of issue 7 end to end: an update reaches a running
+The adapter store is a local folder or an S3 bucket (moto over HTTP), each test on both; versions
+are uploaded and marked ready in the registry as the control plane would (test_adapter_control
+covers the control plane itself). Jobs go through the Producer, so these tests check the worker's side of issue 7 end to end: an update reaches a running
 worker without a restart while a sequence already running finishes on its version, a removed adapter
 fails new jobs with adapter_not_found, and with the store down resident adapters keep serving while
 a job for a cold one fails at its deadline with the reason, and service resumes when the store returns.
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from store_harness import StoreBackend
 
 from lorafleet.producer import Chunk, ErrorCode, JobFailed, Keys, Producer, Result
 from lorafleet.worker import synthetic
@@ -25,7 +26,6 @@ from lorafleet.worker.control_client import remove_adapter, upload_version
 from lorafleet.worker.engine import Engine
 from lorafleet.worker.registry import Registry
 from lorafleet.worker.sequence import GenerationRequest
-from lorafleet.worker.store import LocalStore
 
 pytestmark = pytest.mark.slow
 
@@ -48,20 +48,20 @@ def oracle(model_dir: Path, folder: Path, max_new_tokens: int) -> list[int]:
 
 
 class Fleet:
-    """A store folder, the registry, and one worker process serving from them."""
+    """An adapter store (a folder or an S3 bucket), the registry, and one worker process serving
+    from them."""
 
-    def __init__(self, model_dir: Path, tmp_path: Path, redis_client, redis_url: str):
+    def __init__(self, model_dir: Path, tmp_path: Path, backend: StoreBackend, redis_client, redis_url: str):
         self.model_dir, self.tmp_path, self.redis_url = model_dir, tmp_path, redis_url
-        self.root = tmp_path / "store"
-        self.root.mkdir()
-        self.store = LocalStore(self.root)
+        self.backend = backend
+        self.store = backend.open()
         self.registry = Registry(redis_client, Keys())
         args = [
             sys.executable, "-m", "lorafleet.producer.cli", "worker", "--redis-url", redis_url,
-            "--model", str(model_dir), "--adapters", str(self.root), "--name", "w1", "--max-loras", "2",
+            "--model", str(model_dir), "--adapters", backend.uri, "--name", "w1", "--max-loras", "2",
             "--max-batch", "4", "--kv-cache-tokens", "2048", "--drain-timeout", "5",
         ]  # fmt: skip
-        env = {**os.environ, "LORAFLEET_CACHE_DIR": str(tmp_path / "cache")}
+        env = {**os.environ, **backend.env()}
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=None, env=env)
 
     def adapter(self, folder: str, seed: int) -> Path:
@@ -75,10 +75,10 @@ class Fleet:
         return record.version
 
     def store_down(self) -> None:
-        self.root.rename(self.root.with_name("store.away"))  # an unmounted volume
+        self.backend.down()  # the S3 server stops listening; the folder goes as an unmounted volume
 
     def store_up(self) -> None:
-        self.root.with_name("store.away").rename(self.root)
+        self.backend.up()
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -87,8 +87,8 @@ class Fleet:
 
 
 @pytest.fixture
-def fleet(model_dir, tmp_path, redis_client, redis_url):
-    fleet = Fleet(model_dir, tmp_path, redis_client, redis_url)
+def fleet(model_dir, tmp_path, store_backend, redis_client, redis_url):
+    fleet = Fleet(model_dir, tmp_path, store_backend, redis_client, redis_url)
     yield fleet
     fleet.close()
 
