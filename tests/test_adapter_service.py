@@ -3,9 +3,10 @@
 The adapter store is a local folder or an S3 bucket (moto over HTTP), each test on both; versions
 are uploaded and marked ready in the registry as the control plane would (test_adapter_control
 covers the control plane itself). Jobs go through the Producer, so these tests check the worker's
-side of issue 7 end to end: an update reaches a running worker without a restart while a sequence already running finishes on its version, a removed adapter
-fails new jobs with adapter_not_found, and with the store down resident adapters keep serving while
-a job for a cold one fails at its deadline with the reason, and service resumes when the store returns.
+side of issue 7 end to end: an update reaches a running worker without a restart while a sequence
+already running finishes on its version, a removed adapter fails new jobs with adapter_not_found,
+and with the store down resident adapters keep serving while a job for a cold one fails at its
+deadline with the reason, and service resumes when the store returns.
 """
 
 from __future__ import annotations
