@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -423,6 +424,31 @@ def test_a_drain_that_runs_out_of_time_hands_a_running_job_to_another_worker(red
         result = handle.result(timeout=10)
     assert result.worker == "other"
     assert len(result.token_ids) == 300
+
+
+def test_a_job_running_longer_than_the_visibility_timeout_keeps_its_claim(redis_url, inproc):
+    """The worker refreshes the claims of its running jobs: a live second worker never takes over a
+    job that runs for several visibility timeouts, and the job is answered once, by its worker."""
+    busy = inproc(name="busy", visibility_timeout=1.0)
+    step = busy.engine.step
+    busy.engine.step = lambda: (time.sleep(0.01), step())[1]  # 250 steps: about 3 visibility timeouts
+    idle = inproc(name="idle", visibility_timeout=1.0, idle_block=0.05)
+    with Producer(redis_url) as producer:
+        handle = producer.submit(prompt_ids=[5, 6, 7], max_new_tokens=250, ignore_eos=True, temperature=0.0)
+        turn_until(busy, lambda: bool(busy.running))
+        started = time.monotonic()
+        for turn in itertools.count():
+            if not busy.running:
+                break
+            busy.turn()
+            if turn % 10 == 0:  # (an idle turn blocks for idle_block)
+                idle.turn()
+                assert not idle.running  # never claimed away
+        assert time.monotonic() - started > 2.0  # it did outlive the visibility timeout
+        result = handle.result(timeout=10)
+    assert result.worker == "busy"
+    assert len(result.token_ids) == 250
+    assert idle.metrics.registry.get_sample_value("lorafleet_redeliveries_total") == 0
 
 
 def test_deadline_stops_a_running_job_at_the_next_step(redis_url, inproc):
