@@ -48,11 +48,16 @@ def new_client_id() -> str:
 def resolve_config(
     redis_url: str | None, config: ProducerConfig | None, settings: dict[str, Any]
 ) -> ProducerConfig:
-    """`config` (default: ProducerConfig.from_env(), the LORAFLEET_* variables) with `redis_url` and
-    `settings` applied."""
+    """`config` (default: the LORAFLEET_* variables, but for LORAFLEET_CLIENT_ID) with `redis_url` and
+    `settings` applied.
+
+    A client id names one reply stream, read by one client: Producers that took it from a shared
+    environment would consume each other's replies, so it comes from an argument or a config only
+    (`lorafleet submit` reads the variable: one command, one client).
+    """
     if redis_url is not None:
         settings = {**settings, "redis_url": redis_url}
-    return (config or ProducerConfig.from_env()).with_settings(**settings)
+    return (config or ProducerConfig.from_env().with_settings(client_id=None)).with_settings(**settings)
 
 
 def merge_prompt(prompt: str | None, spec: Mapping[str, Any]) -> dict[str, Any]:

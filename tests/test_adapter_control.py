@@ -141,7 +141,7 @@ def pickle_in_disguise(path: Path) -> None:
 
 
 def config_edit(**changes):
-    """A spoiler that rewrites adapter_config.json with `changes` (a key set to None is removed)."""
+    """A spoiler that rewrites adapter_config.json with `changes`."""
 
     def spoil(path: Path) -> None:
         config = json.loads((path / "adapter_config.json").read_text())

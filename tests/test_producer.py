@@ -349,13 +349,16 @@ def test_redis_restart(redis_server_factory):
 
 def test_a_producer_reads_the_lorafleet_variables_and_arguments_win(redis_url, monkeypatch):
     """As the README says: LORAFLEET_* set the defaults of a Producer (a backend configured like its
-    workers submits to their namespace); an argument or an explicit config wins."""
+    workers submits to their namespace), but for the client id; an argument or an explicit config
+    wins."""
     from lorafleet.producer import ProducerConfig
 
     monkeypatch.setenv("LORAFLEET_NAMESPACE", "envns")
     monkeypatch.setenv("LORAFLEET_MAX_WAITING_PER_ADAPTER", "5")
     monkeypatch.setenv("LORAFLEET_REDIS_URL", "redis://203.0.113.1:1/0")  # unreachable: must lose to the URL
+    monkeypatch.setenv("LORAFLEET_CLIENT_ID", "shared")  # not taken: producers would share a reply stream
     with Producer(redis_url) as producer:
+        assert producer.client_id != "shared"
         assert producer.config.namespace == "envns"
         assert producer.config.max_waiting_per_adapter == 5
         assert producer.keys.namespace == "envns"

@@ -46,8 +46,10 @@ def start_worker(store, redis_url, name, *extra, stderr=None):
         "--kv-cache-tokens", "4096", "--visibility-timeout", "2", "--drain-timeout", "20", *extra,
     ]  # fmt: skip
     env = {**os.environ, "LORAFLEET_CACHE_DIR": str(model.parent / "cache")}
-    log = None if stderr is None else open(stderr, "wb")  # noqa: SIM115 (the child holds it)
-    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, env=env)
+    if stderr is None:
+        return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=None, env=env)
+    with open(stderr, "wb") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, env=env)
 
 
 @pytest.fixture
@@ -288,8 +290,14 @@ def test_a_job_delivered_too_often_goes_to_the_dead_letter_stream_with_an_error_
     assert metric(text, "lorafleet_redeliveries_total") == 1
     assert metric(text, "lorafleet_dead_letters_total") == 1
     # JSON log lines bound with the job, its adapter and the worker
-    lines = [json.loads(line) for line in log_file.read_text().splitlines() if line.startswith("{")]
-    (dead,) = [e for e in lines if e.get("event") == "dead-lettered"]
+    deadline = time.monotonic() + 10
+    while True:  # the worker logs before it answers; allow for the file on a loaded machine anyway
+        lines = [json.loads(line) for line in log_file.read_text().splitlines() if line.startswith("{")]
+        dead = [e for e in lines if e.get("event") == "dead-lettered"]
+        if dead or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    (dead,) = dead
     assert (dead["job"], dead["adapter"], dead["worker"]) == (handle.job.id, "team-0", "judge")
 
 
@@ -384,7 +392,7 @@ def test_no_compute_for_a_job_cancelled_or_expired_before_it_ran(redis_url, inpr
             queued = producer.submit(prompt_ids=[5, 6], max_new_tokens=3)
             queued.cancel()  # before any worker read it
             parked = producer.submit(prompt_ids=[5, 6], adapter="team-3", max_new_tokens=3)
-            expiring = producer.submit(prompt_ids=[5, 6], adapter="team-4", max_new_tokens=3, timeout=1.0)
+            expiring = producer.submit(prompt_ids=[5, 6], adapter="team-4", max_new_tokens=3, timeout=3.0)
             for _ in range(10):
                 worker.turn()
             assert {p.job.id for p in worker.parked.values()} == {parked.id, expiring.id}
@@ -429,10 +437,10 @@ def test_a_drain_that_runs_out_of_time_hands_a_running_job_to_another_worker(red
 def test_a_job_running_longer_than_the_visibility_timeout_keeps_its_claim(redis_url, inproc):
     """The worker refreshes the claims of its running jobs: a live second worker never takes over a
     job that runs for several visibility timeouts, and the job is answered once, by its worker."""
-    busy = inproc(name="busy", visibility_timeout=1.0)
+    busy = inproc(name="busy", visibility_timeout=1.5)
     step = busy.engine.step
-    busy.engine.step = lambda: (time.sleep(0.01), step())[1]  # 250 steps: about 3 visibility timeouts
-    idle = inproc(name="idle", visibility_timeout=1.0, idle_block=0.05)
+    busy.engine.step = lambda: (time.sleep(0.01), step())[1]  # 250 steps: 2 visibility timeouts or more
+    idle = inproc(name="idle", visibility_timeout=1.5, idle_block=0.05)
     with Producer(redis_url) as producer:
         handle = producer.submit(prompt_ids=[5, 6, 7], max_new_tokens=250, ignore_eos=True, temperature=0.0)
         turn_until(busy, lambda: bool(busy.running))

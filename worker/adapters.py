@@ -148,8 +148,8 @@ def _config_number(
 ) -> Any:
     """config[key] as a number (an integer with `integer`), else AdapterError naming the field."""
     value = config.get(key, default)
-    number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not number or (integer and value != int(value)):
+    number = isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+    if isinstance(value, bool) or not number or (integer and value != int(value)):
         kind = "an integer" if integer else "a number"
         raise AdapterError(f"adapter {name!r}: adapter_config.json {key} must be {kind}, not {value!r}")
     return int(value) if integer else value

@@ -367,6 +367,7 @@ class Engine:
                 except Exception:  # e.g. out of memory: serve without graphs rather than not at all
                     log.warning("CUDA graph capture failed: decoding without graphs", exc_info=True)
                     self.graphs = None
+                    torch.cuda.synchronize(self.device)  # nothing of the capture still in flight
                     torch.cuda.empty_cache()
                     return self.model.forward(batch, self.kv, self.slots)
             return self.graphs.run(batch)
