@@ -459,6 +459,26 @@ def test_a_job_running_longer_than_the_visibility_timeout_keeps_its_claim(redis_
     assert idle.metrics.registry.get_sample_value("lorafleet_redeliveries_total") == 0
 
 
+def test_a_worker_does_not_take_its_own_running_job_for_a_stale_one(redis_url, inproc):
+    """If a running job's claim goes stale (a turn longer than the refresh period), the worker's
+    own recovery pass claims it back without starting it a second time."""
+    worker = inproc(visibility_timeout=2.0)
+    client = redis.Redis.from_url(redis_url, protocol=2)
+    with Producer(redis_url) as producer:
+        handle = producer.submit(prompt_ids=[5, 6, 7], max_new_tokens=40, ignore_eos=True, temperature=0.0)
+        turn_until(worker, lambda: worker.engine.num_running == 1)
+        (job,) = worker.running.values()
+        client.xclaim(
+            job.delivery.stream, Keys.GROUP, "inproc", 0, [job.delivery.entry_id], idle=60_000, justid=True
+        )
+        worker._next["recover"] = 0.0
+        worker.turn()
+        assert worker.engine.num_running + worker.engine.num_waiting == 1  # not started twice
+        turn_until(worker, lambda: not worker.running)
+        assert len(handle.result(timeout=10).token_ids) == 40
+    assert worker.metrics.registry.get_sample_value("lorafleet_redeliveries_total") == 0
+
+
 def test_deadline_stops_a_running_job_at_the_next_step(redis_url, inproc):
     worker = inproc()
     with Producer(redis_url) as producer:

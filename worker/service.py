@@ -680,9 +680,12 @@ class Worker:
         free = self._free_slots()
         if free <= 0:
             return
+        held = {(d.stream, d.entry_id) for d in self._held_deliveries()}
         for delivery, deliveries in claim_stale(
             self.redis, self.keys, self.config.name, self.config.visibility_timeout, free
         ):
+            if (delivery.stream, delivery.entry_id) in held:  # its own job, claim gone stale: kept
+                continue
             self.metrics.redeliveries.inc()
             self.log.info("claimed", entry=delivery.entry_id, queue=delivery.queue, deliveries=deliveries)
             if deliveries > self.config.max_deliveries:
