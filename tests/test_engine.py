@@ -397,3 +397,28 @@ def test_outputs_retired_before_a_failed_forward_come_with_the_next_step(models)
     while engine.has_unfinished():
         engine.step()
     assert len(engine.pop_output(kept).token_ids) == 4
+
+
+def test_requests_waiting_when_a_slot_load_fails_wait_on_and_run_later(models):
+    """A failure while admitting (here: copying an adapter into its slot) loses no request: the one
+    being admitted and those behind it wait and run at the next steps."""
+    model_dir, adapters = models["llama"]
+    engine = _engine(model_dir, adapters)
+    name = next(iter(adapters))
+    ids = [
+        engine.add_request(GenerationRequest(prompt_ids=[5, 6, 7 + i], adapter=name, max_new_tokens=3))
+        for i in range(2)
+    ] + [engine.add_request(GenerationRequest(prompt_ids=[5, 6], max_new_tokens=3))]
+    load = engine.slots.load
+
+    def broken(slot, adapter):
+        raise RuntimeError("copy failed (simulated)")
+
+    engine.slots.load = broken
+    with pytest.raises(RuntimeError, match="simulated"):
+        engine.step()
+    engine.slots.load = load
+    assert engine.num_waiting == 3
+    while engine.has_unfinished():
+        engine.step()
+    assert [len(engine.pop_output(i).token_ids) for i in ids] == [3, 3, 3]

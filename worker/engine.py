@@ -288,17 +288,28 @@ class Engine:
         outputs: list[StepOutput] = []
         prefill_tokens = 0
         kept: deque[Sequence] = deque()
-        while self._waiting:
-            seq = self._waiting.popleft()
-            if seq.is_finished:  # aborted while waiting
-                self._finished[seq.request_id] = seq
-                outputs.append(StepOutput(seq.request_id, [], True, seq.finish_reason))
-                continue
-            if not self._try_start(seq, prefill_tokens):
-                kept.append(seq)
-                continue
-            prefill_tokens += len(seq.request.prompt_ids)
-        self._waiting = kept
+        try:
+            while self._waiting:
+                seq = self._waiting.popleft()
+                if seq.is_finished:  # aborted while waiting
+                    self._finished[seq.request_id] = seq
+                    outputs.append(StepOutput(seq.request_id, [], True, seq.finish_reason))
+                    continue
+                try:
+                    started = self._try_start(seq, prefill_tokens)
+                except Exception:  # e.g. a slot copy failed: it waits again, with the rest
+                    kept.append(seq)
+                    raise
+                if not started:
+                    kept.append(seq)
+                    continue
+                prefill_tokens += len(seq.request.prompt_ids)
+        except Exception:
+            self._carried += outputs  # reported by the next step
+            raise
+        finally:
+            kept.extend(self._waiting)
+            self._waiting = kept
         return outputs
 
     def _try_start(self, seq: Sequence, prefill_tokens: int) -> bool:
