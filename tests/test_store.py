@@ -93,6 +93,64 @@ def test_an_outage_is_transient_and_service_resumes(store_backend):
     assert store.get_bytes("bot/a") == b"x"
 
 
+def self_signed_certificate(folder: Path) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 signed by its own key: (cert file, key file)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lorafleet test S3")])
+    now = datetime.datetime.now(datetime.UTC)
+    loopback = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(loopback, critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    cert_file, key_file = folder / "s3.crt", folder / "s3.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return str(cert_file), str(key_file)
+
+
+def test_s3_over_https_checks_the_certificate(tmp_path):
+    """LORAFLEET_S3_SECURE=1 speaks HTTPS and trusts LORAFLEET_S3_CA_FILE; a certificate the CA bundle
+    does not vouch for is refused (the store is unavailable, nothing is sent in the clear)."""
+    from lorafleet.worker.s3_server import S3Server
+
+    server = S3Server.start(tls=self_signed_certificate(tmp_path))
+    try:
+        server.create_bucket("tls")
+        settings = server.settings(cache_dir=tmp_path / "cache")
+        assert settings.secure
+        store = open_store("s3://tls/adapters", settings)
+        store.put_bytes("bot/a", b"over tls")
+        assert store.get_bytes("bot/a") == b"over tls"
+        untrusted = open_store(
+            "s3://tls/adapters", server.settings(cache_dir=tmp_path / "cache", ca_file=None)
+        )
+        with pytest.raises(StoreUnavailable):
+            untrusted.get_bytes("bot/a")
+        plain = open_store("s3://tls/adapters", server.settings(cache_dir=tmp_path / "cache", secure=False))
+        with pytest.raises(StoreUnavailable):
+            plain.get_bytes("bot/a")
+    finally:
+        server.stop()
+
+
 def test_open_store_reads_the_uri(tmp_path):
     assert isinstance(open_store("./adapters"), LocalStore)
     assert open_store(f"file://{tmp_path}").uri == str(tmp_path)

@@ -27,16 +27,17 @@ ACCESS_KEY, SECRET_KEY, REGION = "lorafleet", "lorafleet-secret", "us-east-1"
 class S3Server:
     """moto's S3 on 127.0.0.1:port in a thread; `stop` then `restart` keeps its buckets."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, tls: tuple[str, str] | None = None):
         self.port = port
         self.endpoint = f"127.0.0.1:{port}"
+        self.tls = tls  # (certificate file, key file): HTTPS instead of HTTP
         self._server: Any = None
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def start(cls, port: int | None = None) -> S3Server:
-        """A running server on `port` (default: a free one)."""
-        server = cls(port or free_port())
+    def start(cls, port: int | None = None, tls: tuple[str, str] | None = None) -> S3Server:
+        """A running server on `port` (default: a free one); HTTPS with `tls` (cert file, key file)."""
+        server = cls(port or free_port(), tls)
         server.restart()
         return server
 
@@ -54,8 +55,9 @@ class S3Server:
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log per request
         app = DomainDispatcherApplication(create_backend_app)
         self._server = make_server(
-            "127.0.0.1", self.port, app, threaded=True, request_handler=MotoRequestHandler
-        )
+            "127.0.0.1", self.port, app, threaded=True, request_handler=MotoRequestHandler,
+            ssl_context=self.tls,
+        )  # fmt: skip
         # A short poll interval makes stop() take milliseconds instead of half a second.
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
@@ -77,10 +79,13 @@ class S3Server:
         return self._server is not None
 
     def settings(self, **overrides: Any) -> StoreSettings:
-        """StoreSettings that reach this server (plain HTTP, fixed test credentials)."""
+        """StoreSettings that reach this server (fixed test credentials; HTTPS trusting its own
+        certificate when it has one)."""
         fields: dict[str, Any] = dict(
             endpoint=self.endpoint, access_key=ACCESS_KEY, secret_key=SECRET_KEY, region=REGION
         )
+        if self.tls is not None:
+            fields.update(secure=True, ca_file=self.tls[0])
         fields.update(overrides)
         if "cache_dir" in fields:
             fields["cache_dir"] = Path(fields["cache_dir"])
