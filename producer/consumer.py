@@ -228,11 +228,13 @@ class ReplyBatch:
             return []
         pipe = r.pipeline(transaction=False)
         calls = [(_CHUNKS if kind == "chunks" else _FINAL, keys, argv) for kind, (keys, argv) in ops]
-        load_chunks = any(script is _CHUNKS for script, _, _ in calls)
+        kinds = [kind for kind, _ in ops]
+        load_chunks = "chunks" in kinds and "final" in kinds[kinds.index("chunks") :]
         if load_chunks:
-            # Chunks must never fall back to EVAL after the pipeline: a job's last chunk would land
-            # after its final reply when FINAL is cached and CHUNKS is not (older workers, a flush),
-            # and clients drop a chunk after the final. SCRIPT LOAD first makes CHUNKS known.
+            # Chunks followed by a final reply (a streaming job's last chunk and its result) must not
+            # fall back to EVAL after the pipeline: the chunk would land after the final when FINAL is
+            # cached and CHUNKS is not (older workers, a flush), and clients drop a chunk after the
+            # final. SCRIPT LOAD first makes CHUNKS known; other batches need no such order.
             pipe.script_load(_CHUNKS.text)
         for script, keys, argv in calls:
             pipe.evalsha(script.sha, len(keys), *keys, *argv)
