@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_results
 
 from lorafleet.kernels import LoraBatchMeta, lora_expand, lora_shrink
-from lorafleet.kernels.testing import assign_slots, make_problem
+from lorafleet.kernels.testing import LoraProblem, assign_slots, make_problem
 
 DEVICE = "cuda"
 DTYPE = torch.bfloat16
@@ -180,7 +180,10 @@ def torch_baseline(
     out += delta * scales[s][:, None].to(out.dtype)
 
 
-def run_case(case: Case, seed: int, l2_bytes: int) -> dict[str, Any]:
+def make_batches(
+    case: Case, seed: int, l2_bytes: int, *, block_m: int | None = None
+) -> tuple[LoraProblem, list[Batch]]:
+    """The adapter pool and enough copies of the case's batch that one replay of all exceeds 3x L2."""
     d_in, d_out = PROJECTIONS[case.proj]
     pool = make_problem(1, POOL_SLOTS, d_in, d_out, ranks=case.rank, dtype=DTYPE, device=DEVICE, seed=seed)
     per_call = bytes_moved(case)
@@ -195,7 +198,13 @@ def run_case(case: Case, seed: int, l2_bytes: int) -> dict[str, Any]:
         slots = adapters[local].to(torch.int32).to(DEVICE)
         x = torch.randn(case.tokens, d_in, device=DEVICE, dtype=DTYPE)
         out = torch.randn(case.tokens, d_out, device=DEVICE, dtype=DTYPE)
-        batches.append(Batch(x, slots, out, LoraBatchMeta.build(slots, POOL_SLOTS)))
+        batches.append(Batch(x, slots, out, LoraBatchMeta.build(slots, POOL_SLOTS, block_m=block_m)))
+    return pool, batches
+
+
+def run_case(case: Case, seed: int, l2_bytes: int) -> dict[str, Any]:
+    pool, batches = make_batches(case, seed, l2_bytes)
+    per_call, copies = bytes_moved(case), len(batches)
     a, b, ranks, scales = pool.lora_a, pool.lora_b, pool.slot_ranks, pool.slot_scales
     hs = [lora_shrink(t.x, a, t.slots, ranks, meta=t.meta) for t in batches]  # h buffers for expand alone
 

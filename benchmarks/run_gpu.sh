@@ -2,9 +2,12 @@
 # Every GPU test and GPU benchmark in one unattended command, each step under its own time limit, so
 # that one step that hangs or fails does not cost the others.
 #
-#     benchmarks/run_gpu.sh            # the benchmarks with --quick
-#     benchmarks/run_gpu.sh --full     # the full benchmark grids (longer)
+#     benchmarks/run_gpu.sh                    # every step, the benchmarks with --quick
+#     benchmarks/run_gpu.sh --full             # the full benchmark grids (longer)
+#     benchmarks/run_gpu.sh gpu-tests bench_kernels sweep_kernels   # only the steps named
 #
+# Steps: gpu-tests bench_kernels bench_attention bench_engine bench_adapters bench_worker_overhead, and
+# sweep_kernels (the kernels' block-size sweep, only when named).
 # JSON results land in benchmarks/results/ as usual; everything is printed to stdout (tee it to a log).
 # Where lorafleet is not installed (a bare GPU machine with torch, triton, transformers and peft),
 # the checkout is imported through a link tree that maps lorafleet.{producer,worker,kernels}.
@@ -13,7 +16,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 quick="--quick" scale=1
-[[ "${1:-}" == "--full" ]] && quick="" scale=3
+if [[ "${1:-}" == "--full" ]]; then
+    quick="" scale=3
+    shift
+fi
+only=" $* "
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 
@@ -39,9 +46,14 @@ print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else 
 EOF
 
 failed=0
-step() {  # step SECONDS NAME COMMAND...
+step() {  # step SECONDS NAME COMMAND...: runs unless steps were named and NAME is not among them
     local limit=$(($1 * scale)) name=$2 start rc
     shift 2
+    if [[ "$only" == "  " ]]; then
+        [[ "$name" == sweep_kernels ]] && return 0
+    elif [[ "$only" != *" $name "* ]]; then
+        return 0
+    fi
     echo "===== $name (limit ${limit} s)"
     start=$(date +%s)
     timeout --kill-after=10 "$limit" "$@"
@@ -58,4 +70,5 @@ step 60 bench_attention "$py" benchmarks/bench_attention.py $quick
 step 150 bench_engine "$py" benchmarks/bench_engine.py $quick
 step 90 bench_adapters "$py" benchmarks/bench_adapters.py --repeat 1
 step 150 bench_worker_overhead "$py" benchmarks/bench_worker_overhead.py --device cuda --size llama-3-1b $quick
+step 300 sweep_kernels "$py" benchmarks/sweep_kernels.py --limit 270
 exit $failed

@@ -50,6 +50,7 @@ def _lora_expand_kernel(  # type: ignore[no-untyped-def]
     DOT_M: tl.constexpr,  # rows per tl.dot: max(16, BLOCK_M); rows past the tile are masked
     BLOCK_N: tl.constexpr,  # output columns per program
     BLOCK_R: tl.constexpr,  # rank columns per step
+    PRELOAD_OUT: tl.constexpr,  # load out's rows before the rank loop (their latency overlaps B's)
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs
 ):
     tile = tl.program_id(0)
@@ -69,6 +70,10 @@ def _lora_expand_kernel(  # type: ignore[no-untyped-def]
     h_rows = h_ptr + tokens * max_rank  # [DOT_M] row pointers
     b_rows = b_ptr + slot.to(tl.int64) * stride_b_slot + n_offs.to(tl.int64) * stride_b_row  # [BLOCK_N]
     r_base = tl.arange(0, BLOCK_R)
+    out_ptrs = out_ptr + tokens[:, None] * stride_out_token + n_offs[None, :]
+    out_mask = row_mask[:, None] & n_mask[None, :]
+    if PRELOAD_OUT:
+        old = tl.load(out_ptrs, mask=out_mask, other=0.0)
     acc = tl.full((DOT_M, BLOCK_N), 0.0, tl.float32)
     for r0 in range(0, rank, BLOCK_R):
         r = r0 + r_base
@@ -77,9 +82,8 @@ def _lora_expand_kernel(  # type: ignore[no-untyped-def]
         # [BLOCK_R, BLOCK_N]: B rows read transposed
         b_blk = tl.load(b_rows[None, :] + r[:, None], mask=r_mask[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(h_blk.to(b_blk.dtype), b_blk, acc, input_precision=DOT_PRECISION)
-    out_ptrs = out_ptr + tokens[:, None] * stride_out_token + n_offs[None, :]
-    out_mask = row_mask[:, None] & n_mask[None, :]
-    old = tl.load(out_ptrs, mask=out_mask, other=0.0)
+    if not PRELOAD_OUT:
+        old = tl.load(out_ptrs, mask=out_mask, other=0.0)
     tl.store(out_ptrs, (old.to(tl.float32) + scale * acc).to(old.dtype), mask=out_mask)
 
 
@@ -88,6 +92,7 @@ class _ExpandConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    preload_out: bool = False
 
 
 def _expand_config(block_m: int, dtype: torch.dtype) -> _ExpandConfig:
@@ -155,6 +160,7 @@ def lora_expand(
         DOT_M=max(16, meta.block_m),
         BLOCK_N=cfg.block_n,
         BLOCK_R=16,
+        PRELOAD_OUT=cfg.preload_out,
         DOT_PRECISION="ieee" if out.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
