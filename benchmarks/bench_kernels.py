@@ -17,8 +17,11 @@ Columns (per call)
                             two bmm, scale and add (padded to R, as peers do); speedup = base_ms / ms
   x_read_once               decode, N = 1 batches only: ms / ms of one token on one adapter (the same kernels
                             reading that adapter once): what the extra tokens on that adapter cost
-Each measurement rotates over enough copies of the batch (distinct adapters, x and out per copy) that the
-bytes of one replay exceed 3x the L2 cache: every call reads from HBM.
+  copies_ms, copies_%hbm      two device-to-device copies (two kernels, as shrink + expand are) moving the
+                            same bytes in the same way: what two kernels of that size reach on this GPU
+Each measurement rotates over enough copies of the batch (adapter weights, x and out per copy) that the
+bytes of one replay exceed 3x the L2 cache: every call reads them from HBM. The copies share the token
+slots and their LoraBatchMeta, as every LoRA layer of one engine step shares the step's metadata.
 
 Targets (H200, headline: 64 tokens over 64 adapters, rank 16, 4096 -> 4096): %hbm >= 70, speedup >= 3,
 and 64 tokens on one adapter x_read_once <= 1.2.
@@ -37,6 +40,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,18 +50,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_results
 
 from lorafleet.kernels import LoraBatchMeta, lora_expand, lora_shrink
-from lorafleet.kernels.testing import LoraProblem, assign_slots, make_problem
+from lorafleet.kernels.testing import assign_slots, make_problem
 
 DEVICE = "cuda"
 DTYPE = torch.bfloat16
-POOL_SLOTS = 1024  # adapters resident in the pool; each copy of a batch uses its own
 MAX_COPIES = 1024
 TARGET_SECONDS = 0.1  # of graph replays per measurement
 PROJECTIONS = {"q_o": (4096, 4096), "k_v": (4096, 1024), "gate_up": (4096, 14336), "down": (14336, 4096)}
 HEADLINE = ("decode", "q_o", 64, 64, 16)  # kind, projection, tokens, adapters, rank
 COLUMNS = [
     "kind", "proj", "tokens", "adapters", "rank", "ms", "shrink_ms", "expand_ms", "meta_ms", "MB",
-    "GB/s", "%hbm", "base_ms", "speedup", "x_read_once",
+    "GB/s", "%hbm", "copies_ms", "copies_%hbm", "base_ms", "speedup", "x_read_once",
 ]  # fmt: skip
 
 
@@ -143,18 +146,59 @@ def graph_ms(calls: list[Callable[[], object]]) -> float:
     return start.elapsed_time(end) / reps / len(calls)
 
 
+def two_copies_ms(nbytes: int) -> float:
+    """Two copy kernels, each reading and writing nbytes / 4 (nbytes of traffic in all), rotating buffers."""
+    quarter = max(1, nbytes // 4)
+    pairs = max(1, min(64, (256 << 20) // max(nbytes, 1)))
+    bufs = [torch.empty(quarter, dtype=torch.uint8, device=DEVICE) for _ in range(4 * pairs)]
+
+    def call(i: int) -> Callable[[], object]:
+        def run() -> None:
+            bufs[4 * i + 1].copy_(bufs[4 * i])
+            bufs[4 * i + 3].copy_(bufs[4 * i + 2])
+
+        return run
+
+    return graph_ms([call(i) for i in range(pairs)])
+
+
 # ------------------------------------------------------------------------------------------------
 # one case
 
 
 @dataclass
 class Batch:
-    """One copy of a case's batch: its own adapters (slots), x and out; the pool is shared."""
+    """One copy of a case's batch: its own adapter weights (a pool of its own), x and out.
+
+    The copies share the token slots and their LoraBatchMeta, as the layers of one engine step do: a
+    step builds the metadata once and every LoRA layer reads it (it stays in L2), while each layer's
+    adapter weights are its own (read from HBM).
+    """
 
     x: torch.Tensor  # [T, d_in]
-    slots: torch.Tensor  # [T] int32
     out: torch.Tensor  # [T, d_out]
-    meta: LoraBatchMeta
+    lora_a: torch.Tensor  # [N, R, d_in]
+    lora_b: torch.Tensor  # [N, d_out, R]
+    ranks: torch.Tensor  # [N] int32
+    scales: torch.Tensor  # [N] fp32
+    slots: torch.Tensor  # [T] int32, shared by the copies
+    meta: LoraBatchMeta  # shared by the copies
+
+    def shrink(self) -> torch.Tensor:
+        """h [T, R] fp32 of this copy."""
+        return lora_shrink(self.x, self.lora_a, self.slots, self.ranks, meta=self.meta)
+
+    def expand(self, h: torch.Tensor) -> None:
+        """out += the LoRA update of h."""
+        lora_expand(h, self.lora_b, self.slots, self.ranks, self.scales, self.out, meta=self.meta)
+
+    def both(self) -> None:
+        """Shrink then expand: one multi-LoRA layer."""
+        self.expand(self.shrink())
+
+    def baseline(self) -> None:
+        """The torch baseline's update of out."""
+        torch_baseline(self.x, self.lora_a, self.lora_b, self.slots, self.scales, self.out)
 
 
 def bytes_moved(case: Case) -> int:
@@ -180,63 +224,41 @@ def torch_baseline(
     out += delta * scales[s][:, None].to(out.dtype)
 
 
-def make_batches(
-    case: Case, seed: int, l2_bytes: int, *, block_m: int | None = None
-) -> tuple[LoraProblem, list[Batch]]:
-    """The adapter pool and enough copies of the case's batch that one replay of all exceeds 3x L2."""
+def make_batches(case: Case, seed: int, l2_bytes: int, *, block_m: int | None = None) -> list[Batch]:
+    """Enough copies of the case's batch that one replay of them all moves over 3x the L2 cache."""
     d_in, d_out = PROJECTIONS[case.proj]
-    pool = make_problem(1, POOL_SLOTS, d_in, d_out, ranks=case.rank, dtype=DTYPE, device=DEVICE, seed=seed)
-    per_call = bytes_moved(case)
-    copies = max(1, min(MAX_COPIES, POOL_SLOTS // case.adapters, math.ceil(3 * l2_bytes / per_call)))
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(POOL_SLOTS, generator=gen)
+    copies = max(1, min(MAX_COPIES, math.ceil(3 * l2_bytes / bytes_moved(case))))
+    # tokens spread over the case's adapters, one each while they last (round robin)
+    slots = assign_slots(case.tokens, case.adapters, "distinct", seed=seed).to(DEVICE)
+    meta = LoraBatchMeta.build(slots, case.adapters, block_m=block_m)
     batches = []
     for c in range(copies):
-        adapters = order[c * case.adapters : (c + 1) * case.adapters]
-        # tokens spread over this copy's own adapters, one each while they last (round robin)
-        local = assign_slots(case.tokens, case.adapters, "distinct", seed=seed + c).long()
-        slots = adapters[local].to(torch.int32).to(DEVICE)
+        pool = make_problem(
+            1, case.adapters, d_in, d_out, ranks=case.rank, dtype=DTYPE, device=DEVICE, seed=seed + c
+        )
         x = torch.randn(case.tokens, d_in, device=DEVICE, dtype=DTYPE)
         out = torch.randn(case.tokens, d_out, device=DEVICE, dtype=DTYPE)
-        batches.append(Batch(x, slots, out, LoraBatchMeta.build(slots, POOL_SLOTS, block_m=block_m)))
-    return pool, batches
+        batches.append(
+            Batch(x, out, pool.lora_a, pool.lora_b, pool.slot_ranks, pool.slot_scales, slots, meta)
+        )
+    return batches
 
 
 def run_case(case: Case, seed: int, l2_bytes: int) -> dict[str, Any]:
-    pool, batches = make_batches(case, seed, l2_bytes)
-    per_call, copies = bytes_moved(case), len(batches)
-    a, b, ranks, scales = pool.lora_a, pool.lora_b, pool.slot_ranks, pool.slot_scales
-    hs = [lora_shrink(t.x, a, t.slots, ranks, meta=t.meta) for t in batches]  # h buffers for expand alone
-
-    def shrink(t: Batch) -> Callable[[], object]:
-        return lambda: lora_shrink(t.x, a, t.slots, ranks, meta=t.meta)
-
-    def expand(t: Batch, h: torch.Tensor) -> Callable[[], object]:
-        return lambda: lora_expand(h, b, t.slots, ranks, scales, t.out, meta=t.meta)
-
-    def both(t: Batch) -> Callable[[], object]:
-        def call() -> None:
-            h = lora_shrink(t.x, a, t.slots, ranks, meta=t.meta)
-            lora_expand(h, b, t.slots, ranks, scales, t.out, meta=t.meta)
-
-        return call
-
-    def baseline(t: Batch) -> Callable[[], object]:
-        return lambda: torch_baseline(t.x, a, b, t.slots, scales, t.out)
-
-    def build_meta(t: Batch) -> Callable[[], object]:
-        return lambda: LoraBatchMeta.build(t.slots, POOL_SLOTS)
-
-    err = check_against_baseline(batches[0], a, b, ranks, scales)
-    ms = graph_ms([both(t) for t in batches])
+    batches = make_batches(case, seed, l2_bytes)
+    per_call = bytes_moved(case)
+    hs = [t.shrink() for t in batches]  # h buffers for expand alone
+    err = check_against_baseline(batches[0])
+    ms = graph_ms([t.both for t in batches])
     row: dict[str, Any] = asdict(case)
     row.update(
-        copies=copies,
+        copies=len(batches),
         ms=ms,
-        shrink_ms=graph_ms([shrink(t) for t in batches]),
-        expand_ms=graph_ms([expand(t, h) for t, h in zip(batches, hs, strict=True)]),
-        meta_ms=graph_ms([build_meta(t) for t in batches]),
-        base_ms=graph_ms([baseline(t) for t in batches]),
+        shrink_ms=graph_ms([t.shrink for t in batches]),
+        expand_ms=graph_ms([partial(t.expand, h) for t, h in zip(batches, hs, strict=True)]),
+        meta_ms=graph_ms([partial(LoraBatchMeta.build, t.slots, case.adapters) for t in batches]),
+        base_ms=graph_ms([t.baseline for t in batches]),
+        copies_ms=two_copies_ms(per_call),
         bytes=per_call,
         MB=per_call / 1e6,
         max_abs_err_vs_baseline=err,
@@ -246,14 +268,15 @@ def run_case(case: Case, seed: int, l2_bytes: int) -> dict[str, Any]:
     return row
 
 
-def check_against_baseline(
-    t: Batch, a: torch.Tensor, b: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor
-) -> float:
-    """Max |ours - baseline| of one expand update (sanity check; both in bf16)."""
-    ours, theirs = t.out.clone(), t.out.clone()
-    h = lora_shrink(t.x, a, t.slots, ranks, meta=t.meta)
-    lora_expand(h, b, t.slots, ranks, scales, ours, meta=t.meta)
-    torch_baseline(t.x, a, b, t.slots, scales, theirs)
+def check_against_baseline(t: Batch) -> float:
+    """Max |ours - baseline| of one update of out (sanity check; both in bf16); out is left as it was."""
+    before = t.out.clone()
+    t.both()
+    ours = t.out.clone()
+    t.out.copy_(before)
+    t.baseline()
+    theirs = t.out.clone()
+    t.out.copy_(before)
     return float((ours.float() - theirs.float()).abs().max())
 
 
@@ -266,6 +289,7 @@ def add_derived(rows: list[dict[str, Any]], hbm: float) -> None:
     one_token = {(r["proj"], r["rank"]): r["ms"] for r in rows if r["tokens"] == 1 and r["adapters"] == 1}
     for row in rows:
         row["%hbm"] = 100 * row["GB/s"] * 1e9 / hbm
+        row["copies_%hbm"] = 100 * row["bytes"] / (row["copies_ms"] / 1e3) / hbm
         ref = one_token.get((row["proj"], row["rank"]))
         if row["kind"] == "decode" and row["adapters"] == 1 and ref:
             row["x_read_once"] = row["ms"] / ref

@@ -70,5 +70,5 @@ step 60 bench_attention "$py" benchmarks/bench_attention.py $quick
 step 150 bench_engine "$py" benchmarks/bench_engine.py $quick
 step 90 bench_adapters "$py" benchmarks/bench_adapters.py --repeat 1
 step 150 bench_worker_overhead "$py" benchmarks/bench_worker_overhead.py --device cuda --size llama-3-1b $quick
-step 300 sweep_kernels "$py" benchmarks/sweep_kernels.py --limit 270
+step 180 sweep_kernels "$py" benchmarks/sweep_kernels.py --limit 120
 exit $failed

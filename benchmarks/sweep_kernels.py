@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -30,7 +30,7 @@ from unittest import mock
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import Case, bytes_moved, graph_ms, hbm_bandwidth, make_batches
+from bench_kernels import Case, bytes_moved, graph_ms, hbm_bandwidth, make_batches, two_copies_ms
 from common import write_results
 
 from lorafleet.kernels import expand as expand_mod
@@ -85,51 +85,32 @@ def sweep_tile_height(
     case: Case, block_m: int, l2_bytes: int, deadline: float, result: dict[str, Any]
 ) -> None:
     """The configs of one tile height, appended to result["shrink"] and result["expand"]."""
-    pool, batches = make_batches(case, seed=0, l2_bytes=l2_bytes, block_m=block_m)
-    a, b, ranks, scales = pool.lora_a, pool.lora_b, pool.slot_ranks, pool.slot_scales
+    batches = make_batches(case, seed=0, l2_bytes=l2_bytes, block_m=block_m)
     first = batches[0]
-    h_ref = lora_shrink(first.x, a, first.slots, ranks)  # default config and tile height
-    out_ref = first.out.clone()
-    lora_expand(h_ref, b, first.slots, ranks, scales, out_ref)
-    hs = [lora_shrink(t.x, a, t.slots, ranks, meta=t.meta) for t in batches]
-    shrink_calls = [partial(lora_shrink, t.x, a, t.slots, ranks, meta=t.meta) for t in batches]
-    expand_calls = [
-        partial(lora_expand, h, b, t.slots, ranks, scales, t.out, meta=t.meta)
-        for t, h in zip(batches, hs, strict=True)
-    ]
+    # references from the default config and tile height, on copies the timed replays do not touch
+    x, out0 = first.x.clone(), first.out.clone()
+    h_ref = lora_shrink(x, first.lora_a, first.slots, first.ranks)
+    out_ref = out0.clone()
+    lora_expand(h_ref, first.lora_b, first.slots, first.ranks, first.scales, out_ref)
+    hs = [t.shrink() for t in batches]
+    expand_calls = [partial(t.expand, h) for t, h in zip(batches, hs, strict=True)]
     for cfg in shrink_configs(block_m):
         if time.monotonic() > deadline:
             return
         with mock.patch.object(shrink_mod, "_shrink_config", lambda *_, c=cfg: c):
-            h = lora_shrink(first.x, a, first.slots, ranks, meta=first.meta)
+            h = lora_shrink(x, first.lora_a, first.slots, first.ranks, meta=first.meta)
             err = float((h - h_ref).abs().max())
-            ms = graph_ms(shrink_calls)
+            ms = graph_ms([t.shrink for t in batches])
         result["shrink"].append({"block_m": block_m, **asdict(cfg), "ms": ms, "max_err": err})
     for ecfg in expand_configs():
         if time.monotonic() > deadline:
             return
         with mock.patch.object(expand_mod, "_expand_config", lambda *_, c=ecfg: c):
-            out = first.out.clone()
-            lora_expand(h_ref, b, first.slots, ranks, scales, out, meta=first.meta)
+            out = out0.clone()
+            lora_expand(h_ref, first.lora_b, first.slots, first.ranks, first.scales, out, meta=first.meta)
             err = float((out.float() - out_ref.float()).abs().max())
             ms = graph_ms(expand_calls)
         result["expand"].append({"block_m": block_m, **asdict(ecfg), "ms": ms, "max_err": err})
-
-
-def two_copies_ms(nbytes: int) -> float:
-    """Two copy kernels, each reading and writing nbytes / 4 (nbytes of traffic in all), rotating buffers."""
-    quarter = max(1, nbytes // 4)
-    pairs = max(1, min(64, (256 << 20) // max(nbytes, 1)))
-    bufs = [torch.empty(quarter, dtype=torch.uint8, device="cuda") for _ in range(4 * pairs)]
-
-    def call(i: int) -> Callable[[], object]:
-        def run() -> None:
-            bufs[4 * i + 1].copy_(bufs[4 * i])
-            bufs[4 * i + 3].copy_(bufs[4 * i + 2])
-
-        return run
-
-    return graph_ms([call(i) for i in range(pairs)])
 
 
 def best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:

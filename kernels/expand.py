@@ -98,12 +98,15 @@ class _ExpandConfig:
 def _expand_config(block_m: int, dtype: torch.dtype) -> _ExpandConfig:
     """Block sizes by tile height and dtype.
 
-    Sizes were picked from ptxas resource usage for sm_90 (no register spills); the benchmark measures
-    them. The rank is stepped 16 columns at a time (tl.dot's minimum): wider steps cost registers for
-    the transposed B tile's pointers and spill.
+    The decode size (tiles under 16 rows) is the fastest of benchmarks/sweep_kernels.py on an H100 over
+    its target points (rank 16, 4096 -> 4096); the others were picked from ptxas resource usage for
+    sm_90 (no register spills). The rank is stepped 16 columns at a time (tl.dot's minimum): wider
+    steps cost registers for the transposed B tile's pointers and spill.
     """
     if dtype == torch.float32:
         return _ExpandConfig(64, 8 if block_m >= 64 else 4, 3)
+    if block_m < 16:
+        return _ExpandConfig(256, 4, 3, preload_out=True)
     return _ExpandConfig(128, 8 if block_m >= 64 else 4, 3)
 
 

@@ -8,8 +8,8 @@ needs no memset. There is no split over d_in: each h element has exactly one wri
 deterministic (bit-exact under CUDA-graph replay).
 
 Two variants, fixed by the tile height (`LoraBatchMeta.block_m`, chosen from T):
-- decode (4-row tiles): a vectorised multiply-reduce on CUDA cores. Rank tiles are narrow (R/16 rows)
-  so that even one token per slot spreads a slot's A over 16 programs, enough loads in flight to keep
+- decode (4-row tiles): a vectorised multiply-reduce on CUDA cores. Rank tiles are narrow (R/8 rows)
+  so that even one token per slot spreads a slot's A over 8 programs, enough loads in flight to keep
   HBM busy when a step has few tokens.
 - prefill (16/64-row tiles): tl.dot over [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_R] blocks, rank tiles of
   16..64 rows.
@@ -104,14 +104,15 @@ class _ShrinkConfig:
 def _shrink_config(max_rank: int, block_m: int, dtype: torch.dtype) -> _ShrinkConfig:
     """Block sizes by rank bucket (R rounded up to a power of two), tile height and dtype.
 
-    Sizes were picked from ptxas resource usage for sm_90 (no register spills) and the bandwidth
-    argument in the module docstring; the benchmark measures them.
+    Decode sizes are the fastest of benchmarks/sweep_kernels.py on an H100 at 64 tokens over 64 and
+    over 1 adapter (rank 16, 4096 -> 4096); the prefill sizes were picked from ptxas resource usage for
+    sm_90 (no register spills) and the bandwidth argument in the module docstring.
     """
     rank_p2 = next_power_of_2(max_rank)
     if block_m < 16:
-        # ~16 rank tiles per slot; [BLOCK_M, BLOCK_R, BLOCK_K] products of 8192 elements per step
-        block_r = max(1, rank_p2 // 16)
-        return _ShrinkConfig(block_r, min(2048, 8192 // (block_m * block_r)), False, 4, 1)
+        # ~8 rank tiles per slot; [BLOCK_M, BLOCK_R, BLOCK_K] products of 16K elements per step
+        block_r = max(1, rank_p2 // 8)
+        return _ShrinkConfig(block_r, min(2048, 16384 // (block_m * block_r)), False, 4, 1)
     block_r = min(max(16, rank_p2), 64)
     block_k = 32 if dtype == torch.float32 else 64 if block_r >= 64 else 128
     big_tile = block_m >= 64

@@ -31,7 +31,7 @@ def model_and_adapters(tmp_path_factory):
 def _requests(names=(None, "a0", "a1", "a2")):
     prompts = [[(13 * i + j) % 2000 + 3 for j in range(5 + 7 * i)] for i in range(11)]
     return [
-        GenerationRequest(prompt_ids=p, adapter=names[i % 4], max_new_tokens=12, ignore_eos=True)
+        GenerationRequest(prompt_ids=p, adapter=names[i % len(names)], max_new_tokens=12, ignore_eos=True)
         for i, p in enumerate(prompts)
     ]
 
@@ -71,8 +71,11 @@ def test_steps_without_adapters_replay_the_graphs_without_lora_and_match(model_a
     eager, _ = _run(model_dir, adapters, "cuda", names=base_only, cuda_graphs=False)
     graphed, engine = _run(model_dir, adapters, "cuda", names=base_only)
     assert engine.graphs is not None
-    assert engine.graphs.captured
+    replays = engine.graphs.replays
+    assert sum(n for (_, lora), n in replays.items() if not lora) > 0
+    assert sum(n for (_, lora), n in replays.items() if lora) == 0
     assert eager == cpu
     assert graphed == eager
     mixed = [o.token_ids for o in engine.generate(_requests())]
+    assert sum(n for (_, lora), n in replays.items() if lora) > 0
     assert mixed == _run(model_dir, adapters, "cpu")[0]

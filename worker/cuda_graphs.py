@@ -12,6 +12,7 @@ so a second set of graphs costs no second set of [bucket, V] outputs.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import torch
@@ -59,6 +60,7 @@ class DecodeGraphs:
         self._logits = torch.empty(size, model.lm_head.shape[0], dtype=torch.float32, device=device)
         self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (bucket, with LoRA) -> graph
         self._pool: Any = None  # the graph memory pool handle, shared by every bucket
+        self.replays: Counter[tuple[int, bool]] = Counter()  # (bucket, with LoRA) -> replays so far
 
     def _view(self, size: int, lora: bool) -> StepBatch:
         s = self._static
@@ -128,4 +130,5 @@ class DecodeGraphs:
         s.token_slots[n:size].fill_(-1)
         s.block_tables[n:size].fill_(self.cache.padding_block)
         self._graphs[(size, batch.has_lora)].replay()
+        self.replays[(size, batch.has_lora)] += 1
         return self._logits[:n]
