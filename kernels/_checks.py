@@ -45,9 +45,23 @@ def check_tensor(
     return value
 
 
+def check_group_ranks(
+    name: str, value: object, num_slots: int, device: torch.device, *, dtype: torch.dtype = torch.int32
+) -> int:
+    """Check a per-slot tensor: [S], or [G, S] for G groups of projections; returns G (1 for [S])."""
+    if isinstance(value, torch.Tensor) and value.dim() == 2:
+        check_tensor(name, value, dtypes=(dtype,), shape=(None, num_slots), device=device)
+        if value.shape[0] < 1:
+            raise ValueError(f"{name} must have at least one group, got shape {list(value.shape)}")
+        return value.shape[0]
+    check_tensor(name, value, dtypes=(dtype,), shape=(num_slots,), device=device)
+    return 1
+
+
 def check_slot_values(token_slots: torch.Tensor, slot_ranks: torch.Tensor, max_rank: int) -> None:
-    """Range checks that read the tensors on the host: token_slots in [-1, S), slot_ranks in [1, R]."""
-    num_slots = slot_ranks.shape[0]
+    """Range checks that read the tensors on the host: token_slots in [-1, S), slot_ranks ([S] or
+    [G, S]) in [1, R]."""
+    num_slots = slot_ranks.shape[-1]
     if token_slots.numel():
         low, high = int(token_slots.min()), int(token_slots.max())
         if low < -1 or high >= num_slots:

@@ -11,8 +11,14 @@ as the base model's own matmuls do) and [16, BLOCK_N] B blocks. Decode tiles hav
 token): they still go through a 16-row dot with the extra rows masked, which wastes tensor-core cycles
 that are free here but, unlike a multiply-reduce on CUDA cores, does not replicate the B tile per token
 in registers, so each program can keep a wide B tile in flight.
+
+Groups. Projections whose outputs are column slices of one wider output (q, k and v of one fused
+GEMM) can run as one launch: their B matrices stacked by rows per slot ([S, d_q + d_k + d_v, R]), h
+from a grouped shrink ([T, G * R]), ranks and scales as [G, S]. The column-tile axis of the grid covers
+the groups one after the other; a program finds its group from its tile index (up to three groups).
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +26,7 @@ import torch
 from lorafleet.kernels._checks import (
     FLOAT_DTYPES,
     check_flag,
+    check_group_ranks,
     check_meta,
     check_slot_values,
     check_tensor,
@@ -34,15 +41,21 @@ __all__ = ["lora_expand"]
 # Triton types the arguments at launch (pointers, ints, constexprs); they carry no Python annotations.
 @triton.jit
 def _lora_expand_kernel(  # type: ignore[no-untyped-def]
-    h_ptr,  # [T, R] fp32
-    b_ptr,  # [S, d_out, R] fp16/bf16/fp32
+    h_ptr,  # [T, G * R] fp32
+    b_ptr,  # [S, d_out, R] fp16/bf16/fp32: the G groups' rows one after the other
     out_ptr,  # [T, d_out] same dtype as lora_b, updated in place
     sorted_tokens_ptr,  # [T] int32: token ids grouped by slot
     tiles_ptr,  # [NT, 4] int32: slot (-1 = none), row_start, row_end, unused
-    slot_ranks_ptr,  # [S] int32
-    slot_scales_ptr,  # [S] fp32
-    d_out,  # int
+    slot_ranks_ptr,  # [G, S] int32
+    slot_scales_ptr,  # [G, S] fp32
     max_rank,  # int: R
+    stride_group,  # int: slot_ranks.stride(0) == slot_scales.stride(0) (0 when G = 1)
+    h_stride,  # int: G * R
+    width0,  # int: output columns of group 0 (d_out when G = 1)
+    width1,  # int: of group 1 (0 when G < 2)
+    width2,  # int: of group 2 (0 when G < 3)
+    n_tiles0,  # int: column tiles of group 0
+    n_tiles1,  # int: of group 1 (groups 0 and 1 hold the first n_tiles0 + n_tiles1 tiles)
     stride_out_token,  # int: out.stride(0)
     stride_b_slot,  # int: lora_b.stride(0)
     stride_b_row,  # int: lora_b.stride(1)
@@ -55,6 +68,13 @@ def _lora_expand_kernel(  # type: ignore[no-untyped-def]
 ):
     tile = tl.program_id(0)
     n_tile = tl.program_id(1)
+    # The column tiles of group 0 come first, then group 1's, then group 2's.
+    in1 = n_tile >= n_tiles0
+    in2 = n_tile >= n_tiles0 + n_tiles1
+    group = in1.to(tl.int32) + in2.to(tl.int32)
+    first_tile = tl.where(in2, n_tiles0 + n_tiles1, tl.where(in1, n_tiles0, 0))
+    col_start = tl.where(in2, width0 + width1, tl.where(in1, width0, 0))
+    width = tl.where(in2, width2, tl.where(in1, width1, width0))
     slot = tl.load(tiles_ptr + tile * 4)
     row_start = tl.load(tiles_ptr + tile * 4 + 1)
     row_end = tl.load(tiles_ptr + tile * 4 + 2)
@@ -62,12 +82,14 @@ def _lora_expand_kernel(  # type: ignore[no-untyped-def]
     rows = row_start + m_offs  # [DOT_M] positions in the sorted token list
     row_mask = (m_offs < BLOCK_M) & (rows < row_end)
     tokens = tl.load(sorted_tokens_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-    rank = tl.minimum(tl.load(slot_ranks_ptr + slot, mask=slot >= 0, other=0), max_rank)
-    scale = tl.load(slot_scales_ptr + slot, mask=slot >= 0, other=0.0)
-    n_offs = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    per_slot = group * stride_group + slot
+    rank = tl.minimum(tl.load(slot_ranks_ptr + per_slot, mask=slot >= 0, other=0), max_rank)
+    scale = tl.load(slot_scales_ptr + per_slot, mask=slot >= 0, other=0.0)
+    n_local = (n_tile - first_tile) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] within the group
+    n_offs = col_start + n_local  # [BLOCK_N] columns of out, rows of lora_b[slot]
     # no columns at all for tokens without an adapter: their rows of out are neither read nor written
-    n_mask = n_offs < tl.where(rank > 0, d_out, 0)
-    h_rows = h_ptr + tokens * max_rank  # [DOT_M] row pointers
+    n_mask = n_local < tl.where(rank > 0, width, 0)
+    h_rows = h_ptr + tokens * h_stride + group * max_rank  # [DOT_M] pointers to the group's h columns
     b_rows = b_ptr + slot.to(tl.int64) * stride_b_slot + n_offs.to(tl.int64) * stride_b_row  # [BLOCK_N]
     r_base = tl.arange(0, BLOCK_R)
     out_ptrs = out_ptr + tokens[:, None] * stride_out_token + n_offs[None, :]
@@ -110,14 +132,18 @@ def _expand_config(block_m: int, dtype: torch.dtype) -> _ExpandConfig:
     return _ExpandConfig(128, 8 if block_m >= 64 else 4, 3)
 
 
+MAX_GROUPS = 3  # groups one expand launch takes (q, k and v)
+
+
 def lora_expand(
-    h: torch.Tensor,  # [T, R] fp32
+    h: torch.Tensor,  # [T, R] fp32 (or [T, G * R] for G groups)
     lora_b: torch.Tensor,  # [S, d_out, R] fp16/bf16/fp32
     token_slots: torch.Tensor,  # [T] int32, -1 = no adapter
-    slot_ranks: torch.Tensor,  # [S] int32, 1..R
-    slot_scales: torch.Tensor,  # [S] fp32
+    slot_ranks: torch.Tensor,  # [S] int32, 1..R (or [G, S])
+    slot_scales: torch.Tensor,  # [S] fp32 (or [G, S])
     out: torch.Tensor,  # [T, d_out] same dtype as lora_b, updated in place (rows may be strided)
     *,
+    group_widths: Sequence[int] | None = None,
     meta: LoraBatchMeta | None = None,
     backend: str = "auto",
     debug: bool = False,
@@ -129,23 +155,33 @@ def lora_expand(
     `lora_shrink`: shapes, dtypes, devices and contiguity are always checked; value ranges on CPU, and
     on CUDA only with debug=True (a host sync). Unchecked on CUDA, an out-of-range slot is treated as -1
     and a rank is clamped to [0, R].
+
+    Groups (the projections of one fused GEMM in one launch, up to three): with slot_ranks and
+    slot_scales of shape [G, S], h is [T, G * R] (a grouped `lora_shrink`), out's columns and lora_b's
+    rows are cut into G consecutive blocks of `group_widths` (summing to d_out), and block g gets
+    scale[g, s] * h[t, g*R : g*R + r] @ lora_b[s, block g, :r].T with r = slot_ranks[g, s]. That is G
+    expands side by side, bit for bit.
     """
-    device = _check_expand_args(h, lora_b, token_slots, slot_ranks, slot_scales, out)
+    device, widths = _check_expand_args(h, lora_b, token_slots, slot_ranks, slot_scales, out, group_widths)
     check_flag("debug", debug)
+    num_slots, max_rank = lora_b.shape[0], lora_b.shape[2]
     if meta is not None:
-        check_meta(meta, h.shape[0], lora_b.shape[0], device)
+        check_meta(meta, h.shape[0], num_slots, device)
     if device.type == "cpu" or debug:
-        check_slot_values(token_slots, slot_ranks, lora_b.shape[2])
+        check_slot_values(token_slots, slot_ranks, max_rank)
     if not use_triton(device, backend, lora_b.dtype):
-        lora_expand_ref(h, lora_b, token_slots, slot_ranks, slot_scales, out, meta=meta)
+        lora_expand_ref(h, lora_b, token_slots, slot_ranks, slot_scales, out, group_widths=widths, meta=meta)
         return
-    num_tokens, d_out, max_rank = h.shape[0], lora_b.shape[1], lora_b.shape[2]
+    num_tokens = h.shape[0]
     if num_tokens == 0:
         return
     if meta is None:
-        meta = LoraBatchMeta.build(token_slots, lora_b.shape[0])
+        meta = LoraBatchMeta.build(token_slots, num_slots)
     cfg = _expand_config(meta.block_m, out.dtype)
-    grid = (meta.num_tiles, triton.cdiv(d_out, cfg.block_n))
+    n_tiles = [triton.cdiv(w, cfg.block_n) for w in widths]
+    padded_widths = [*widths, 0, 0][:MAX_GROUPS]
+    padded_tiles = [*n_tiles, 0][:2]
+    grid = (meta.num_tiles, sum(n_tiles))
     runnable_kernel(_lora_expand_kernel, device)[grid](
         h,
         lora_b,
@@ -154,8 +190,11 @@ def lora_expand(
         meta.tiles,
         slot_ranks,
         slot_scales,
-        d_out,
         max_rank,
+        slot_ranks.stride(0) if len(widths) > 1 else 0,
+        h.shape[1],
+        *padded_widths,
+        *padded_tiles,
         out.stride(0),
         lora_b.stride(0),
         lora_b.stride(1),
@@ -177,17 +216,45 @@ def _check_expand_args(
     slot_ranks: torch.Tensor,
     slot_scales: torch.Tensor,
     out: torch.Tensor,
-) -> torch.device:
+    group_widths: Sequence[int] | None,
+) -> tuple[torch.device, list[int]]:
+    """The device, and the output columns of each group ([d_out] without groups)."""
     check_tensor("h", h, dtypes=(torch.float32,), shape=(None, None))
     device = h.device
-    num_tokens, max_rank = h.shape
-    check_tensor("lora_b", lora_b, dtypes=FLOAT_DTYPES, shape=(None, None, max_rank), device=device)
-    num_slots, d_out = lora_b.shape[0], lora_b.shape[1]
+    num_tokens = h.shape[0]
+    check_tensor("lora_b", lora_b, dtypes=FLOAT_DTYPES, shape=(None, None, None), device=device)
+    num_slots, d_out, max_rank = lora_b.shape
     if num_slots < 1 or max_rank < 1:
         raise ValueError(f"lora_b must have at least one slot and rank >= 1, got shape {list(lora_b.shape)}")
     check_tensor("token_slots", token_slots, dtypes=(torch.int32,), shape=(num_tokens,), device=device)
-    check_tensor("slot_ranks", slot_ranks, dtypes=(torch.int32,), shape=(num_slots,), device=device)
-    check_tensor("slot_scales", slot_scales, dtypes=(torch.float32,), shape=(num_slots,), device=device)
+    groups = check_group_ranks("slot_ranks", slot_ranks, num_slots, device)
+    scale_groups = check_group_ranks("slot_scales", slot_scales, num_slots, device, dtype=torch.float32)
+    if scale_groups != groups or slot_scales.dim() != slot_ranks.dim():
+        raise ValueError(
+            f"slot_scales (shape {list(slot_scales.shape)}) must have the shape of slot_ranks "
+            f"({list(slot_ranks.shape)})"
+        )
+    if h.shape[1] != groups * max_rank:
+        raise ValueError(
+            f"h must have shape [*, {groups * max_rank}] ({groups} group(s) of R={max_rank}, the rank of "
+            f"lora_b), got {list(h.shape)}"
+        )
+    widths = _group_widths(group_widths, groups, d_out)
     out_shape = (num_tokens, d_out)
     check_tensor("out", out, dtypes=(lora_b.dtype,), shape=out_shape, device=device, strided_rows=True)
-    return device
+    return device, widths
+
+
+def _group_widths(group_widths: Sequence[int] | None, groups: int, d_out: int) -> list[int]:
+    if groups > MAX_GROUPS:
+        raise ValueError(f"lora_expand takes at most {MAX_GROUPS} groups, got {groups} (slot_ranks' rows)")
+    if group_widths is None:
+        if groups > 1:
+            raise ValueError(f"group_widths must give the output columns of each of the {groups} groups")
+        return [d_out]
+    widths = list(group_widths)
+    if len(widths) != groups or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
+        raise ValueError(f"group_widths must be {groups} positive ints (one per group), got {group_widths!r}")
+    if sum(widths) != d_out:
+        raise ValueError(f"group_widths {widths} must add up to d_out = {d_out} (lora_b.shape[1])")
+    return widths

@@ -13,6 +13,10 @@ Two variants, fixed by the tile height (`LoraBatchMeta.block_m`, chosen from T):
   HBM busy when a step has few tokens.
 - prefill (16/64-row tiles): tl.dot over [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_R] blocks, rank tiles of
   16..64 rows.
+
+Groups. Projections that read the same input (q, k and v) can run as one launch: their A matrices
+stacked by rows per slot ([S, G * R, d_in]) and their ranks as [G, S]. The rank-tile axis of the grid
+then covers every group, and each program reads its group's rank; h holds the groups side by side.
 """
 
 from dataclasses import dataclass
@@ -22,6 +26,7 @@ import torch
 from lorafleet.kernels._checks import (
     FLOAT_DTYPES,
     check_flag,
+    check_group_ranks,
     check_meta,
     check_slot_values,
     check_tensor,
@@ -38,13 +43,16 @@ __all__ = ["lora_shrink"]
 @triton.jit
 def _lora_shrink_kernel(  # type: ignore[no-untyped-def]
     x_ptr,  # [T, d_in] fp16/bf16/fp32
-    a_ptr,  # [S, R, d_in] same dtype as x
-    h_ptr,  # [T, R] fp32, every element written
+    a_ptr,  # [S, G * R, d_in] same dtype as x: G groups of R rows
+    h_ptr,  # [T, G * R] fp32, every element written
     sorted_tokens_ptr,  # [T] int32: token ids grouped by slot
     tiles_ptr,  # [NT, 4] int32: slot (-1 = none), row_start, row_end, unused
-    slot_ranks_ptr,  # [S] int32
+    slot_ranks_ptr,  # [G, S] int32
     d_in,  # int
-    max_rank,  # int: R
+    max_rank,  # int: R, rows per group
+    tiles_per_group,  # int: rank tiles per group, cdiv(R, BLOCK_R)
+    stride_ranks_group,  # int: slot_ranks.stride(0) (0 when G = 1)
+    h_stride,  # int: G * R
     stride_x_token,  # int: x.stride(0)
     stride_a_slot,  # int: lora_a.stride(0)
     stride_a_rank,  # int: lora_a.stride(1)
@@ -55,20 +63,23 @@ def _lora_shrink_kernel(  # type: ignore[no-untyped-def]
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs
 ):
     tile = tl.program_id(0)
-    rank_tile = tl.program_id(1)
+    group = tl.program_id(1) // tiles_per_group
+    rank_tile = tl.program_id(1) - group * tiles_per_group  # within the group
     slot = tl.load(tiles_ptr + tile * 4)
     row_start = tl.load(tiles_ptr + tile * 4 + 1)
     row_end = tl.load(tiles_ptr + tile * 4 + 2)
     rows = row_start + tl.arange(0, BLOCK_M)  # [BLOCK_M] positions in the sorted token list
     row_mask = rows < row_end
     tokens = tl.load(sorted_tokens_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-    rank = tl.minimum(tl.load(slot_ranks_ptr + slot, mask=slot >= 0, other=0), max_rank)
-    r_offs = rank_tile * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
+    rank_ptr = slot_ranks_ptr + group * stride_ranks_group + slot
+    rank = tl.minimum(tl.load(rank_ptr, mask=slot >= 0, other=0), max_rank)
+    r_offs = rank_tile * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R] ranks within the group
     r_mask = r_offs < rank
     # The reduction runs over d_in only where this rank tile holds some of the slot's true rank.
     k_end = tl.where(rank_tile * BLOCK_R < rank, d_in, 0)
     x_rows = x_ptr + tokens * stride_x_token  # [BLOCK_M] row pointers
-    a_rows = a_ptr + slot.to(tl.int64) * stride_a_slot + r_offs.to(tl.int64) * stride_a_rank  # [BLOCK_R]
+    a_row_ids = (group * max_rank + r_offs).to(tl.int64)  # [BLOCK_R] rows of lora_a[slot]
+    a_rows = a_ptr + slot.to(tl.int64) * stride_a_slot + a_row_ids * stride_a_rank  # [BLOCK_R]
     k_offs = tl.arange(0, BLOCK_K)
     acc = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
     if USE_DOT:
@@ -88,7 +99,8 @@ def _lora_shrink_kernel(  # type: ignore[no-untyped-def]
             # [BLOCK_M, 1, BLOCK_K] * [1, BLOCK_R, BLOCK_K] summed over k; tl.sum, see _triton.py
             prod = x_blk.to(tl.float32)[:, None, :] * a_blk.to(tl.float32)[None, :, :]
             acc += tl.reduce(prod, 2, tl.standard._sum_combine)
-    h_ptrs = h_ptr + tokens[:, None] * max_rank + r_offs[None, :]
+    # h rows are G * R wide; this program owns columns group * R + r_offs (up to R)
+    h_ptrs = h_ptr + tokens[:, None] * h_stride + (group * max_rank + r_offs)[None, :]
     tl.store(h_ptrs, acc, mask=row_mask[:, None] & (r_offs < max_rank)[None, :])
 
 
@@ -121,9 +133,9 @@ def _shrink_config(max_rank: int, block_m: int, dtype: torch.dtype) -> _ShrinkCo
 
 def lora_shrink(
     x: torch.Tensor,  # [T, d_in] fp16/bf16/fp32 (rows may be strided)
-    lora_a: torch.Tensor,  # [S, R, d_in] same dtype as x
+    lora_a: torch.Tensor,  # [S, R, d_in] (or [S, G * R, d_in] for G groups) same dtype as x
     token_slots: torch.Tensor,  # [T] int32, -1 = no adapter
-    slot_ranks: torch.Tensor,  # [S] int32, 1..R
+    slot_ranks: torch.Tensor,  # [S] int32, 1..R (or [G, S] for G groups)
     *,
     meta: LoraBatchMeta | None = None,
     backend: str = "auto",
@@ -135,6 +147,11 @@ def lora_shrink(
     come in any order. `meta` (from `LoraBatchMeta.build(token_slots, S)`) is shared by every layer of a
     step; without it, it is built here.
 
+    Groups (several projections of the same x in one launch): with slot_ranks of shape [G, S], lora_a
+    holds G blocks of R rows per slot, [S, G * R, d_in], and h is [T, G * R]:
+    h[t, g*R : g*R + r] = x[t] @ lora_a[s, g*R : g*R + r].T with r = slot_ranks[g, s]. That is G
+    shrinks side by side, bit for bit.
+
     backend: "auto" runs the Triton kernel on CUDA and the torch reference on CPU (the Triton kernel
     under the interpreter when TRITON_INTERPRET=1); "triton" and "torch" force one. bf16 on CPU always
     uses the reference (Triton's interpreter cannot compute in bf16; backend="triton" raises).
@@ -144,22 +161,24 @@ def lora_shrink(
     debug=True, because reading them there is a host sync (which would also break CUDA-graph capture).
     Unchecked on CUDA, an out-of-range slot is treated as -1 and a rank is clamped to [0, R].
     """
-    device = _check_shrink_args(x, lora_a, token_slots, slot_ranks)
+    device, groups = _check_shrink_args(x, lora_a, token_slots, slot_ranks)
     check_flag("debug", debug)
+    num_slots, max_rank = lora_a.shape[0], lora_a.shape[1] // groups  # R per group
     if meta is not None:
-        check_meta(meta, x.shape[0], lora_a.shape[0], device)
+        check_meta(meta, x.shape[0], num_slots, device)
     if device.type == "cpu" or debug:
-        check_slot_values(token_slots, slot_ranks, lora_a.shape[1])
+        check_slot_values(token_slots, slot_ranks, max_rank)
     if not use_triton(device, backend, x.dtype):
         return lora_shrink_ref(x, lora_a, token_slots, slot_ranks, meta=meta)
-    num_tokens, max_rank = x.shape[0], lora_a.shape[1]
-    h = torch.empty(num_tokens, max_rank, dtype=torch.float32, device=device)
+    num_tokens = x.shape[0]
+    h = torch.empty(num_tokens, groups * max_rank, dtype=torch.float32, device=device)
     if num_tokens == 0:
         return h
     if meta is None:
-        meta = LoraBatchMeta.build(token_slots, lora_a.shape[0])
+        meta = LoraBatchMeta.build(token_slots, num_slots)
     cfg = _shrink_config(max_rank, meta.block_m, x.dtype)
-    grid = (meta.num_tiles, triton.cdiv(max_rank, cfg.block_r))
+    tiles_per_group = triton.cdiv(max_rank, cfg.block_r)
+    grid = (meta.num_tiles, groups * tiles_per_group)
     runnable_kernel(_lora_shrink_kernel, device)[grid](
         x,
         lora_a,
@@ -169,6 +188,9 @@ def lora_shrink(
         slot_ranks,
         x.shape[1],
         max_rank,
+        tiles_per_group,
+        slot_ranks.stride(0) if groups > 1 else 0,
+        groups * max_rank,
         x.stride(0),
         lora_a.stride(0),
         lora_a.stride(1),
@@ -185,14 +207,20 @@ def lora_shrink(
 
 def _check_shrink_args(
     x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor, slot_ranks: torch.Tensor
-) -> torch.device:
+) -> tuple[torch.device, int]:
+    """The device, and G (1 without groups)."""
     check_tensor("x", x, dtypes=FLOAT_DTYPES, shape=(None, None), strided_rows=True)
     device = x.device
     num_tokens, d_in = x.shape
     check_tensor("lora_a", lora_a, dtypes=(x.dtype,), shape=(None, None, d_in), device=device)
-    num_slots, max_rank = lora_a.shape[0], lora_a.shape[1]
-    if num_slots < 1 or max_rank < 1:
+    num_slots, rows = lora_a.shape[0], lora_a.shape[1]
+    if num_slots < 1 or rows < 1:
         raise ValueError(f"lora_a must have at least one slot and rank >= 1, got shape {list(lora_a.shape)}")
     check_tensor("token_slots", token_slots, dtypes=(torch.int32,), shape=(num_tokens,), device=device)
-    check_tensor("slot_ranks", slot_ranks, dtypes=(torch.int32,), shape=(num_slots,), device=device)
-    return device
+    groups = check_group_ranks("slot_ranks", slot_ranks, num_slots, device)
+    if rows % groups:
+        raise ValueError(
+            f"lora_a has {rows} rows per slot, which {groups} groups (slot_ranks {list(slot_ranks.shape)}) "
+            "cannot share equally"
+        )
+    return device, groups

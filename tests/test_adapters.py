@@ -9,6 +9,8 @@ import torch
 from lorafleet.worker.adapters import AdapterError, AdapterSlots, ModelShapes, parse_adapter
 
 SHAPES = ModelShapes(num_layers=3, projections={"q_proj": (16, 16), "v_proj": (16, 8), "down_proj": (24, 16)})
+# q and v as one launch group, as the model groups q/k/v (their inputs are the same hidden state)
+GROUPED = ModelShapes(SHAPES.num_layers, SHAPES.projections, groups={"qv_proj": ("q_proj", "v_proj")})
 CPU = torch.device("cpu")
 
 
@@ -41,11 +43,13 @@ def test_a_parsed_adapter_keeps_every_tensor_in_the_serving_dtype():
     assert adapter.nbytes == sum(t.numel() * 2 for t in tensors.values())
 
 
-def test_a_slot_loaded_over_another_adapter_holds_only_the_new_one():
+@pytest.mark.parametrize("shapes", [SHAPES, GROUPED], ids=["alone", "grouped"])
+def test_a_slot_loaded_over_another_adapter_holds_only_the_new_one(shapes):
     """Slot 1 first holds a rank-8 adapter of every target, then a rank-2 adapter of q and v only:
     q and v get the new weights and rank, down_proj becomes rank 1 of zeros with scale 0 (so the
-    stale rank-8 weights are never read), and slot 0 is untouched."""
-    slots = AdapterSlots(SHAPES, num_slots=2, max_rank=8, dtype=torch.float32, device=CPU)
+    stale rank-8 weights are never read), and slot 0 is untouched. The group views that the kernels
+    read hold the same weights, ranks and scales."""
+    slots = AdapterSlots(shapes, num_slots=2, max_rank=8, dtype=torch.float32, device=CPU)
     keep = parse_adapter(
         "keep", config(8, 8), peft_tensors(8, tuple(SHAPES.projections), 0), SHAPES, 8, torch.float32
     )
@@ -74,6 +78,23 @@ def test_a_slot_loaded_over_another_adapter_holds_only_the_new_one():
     for target in SHAPES.projections:
         assert slots.ranks[target].tolist() == [8, 2 if target in new.targets else 1]
         assert slots.scales[target].tolist() == [1.0, 3.0 if target in new.targets else 0.0]
+    for name, parts in shapes.launch_groups().items():
+        assert slots.group_widths[name] == [SHAPES.projections[t][1] for t in parts]
+        assert torch.equal(slots.group_ranks[name], torch.stack([slots.ranks[t] for t in parts]))
+        assert torch.equal(slots.group_scales[name], torch.stack([slots.scales[t] for t in parts]))
+        for layer in range(SHAPES.num_layers):
+            group_a, group_b = slots.group_a[layer][name], slots.group_b[layer][name]
+            assert group_a.is_contiguous()  # what the kernels require
+            assert group_b.is_contiguous()
+            assert torch.equal(group_a, torch.cat([slots.a[layer][t] for t in parts], dim=1))
+            assert torch.equal(group_b, torch.cat([slots.b[layer][t] for t in parts], dim=1))
+    assert len(shapes.launch_groups()) == (2 if shapes is GROUPED else 3)
+
+
+def test_a_group_of_projections_with_different_inputs_is_refused():
+    shapes = ModelShapes(SHAPES.num_layers, SHAPES.projections, groups={"bad": ("q_proj", "down_proj")})
+    with pytest.raises(ValueError, match=r"group bad \('q_proj', 'down_proj'\) must share their input width"):
+        AdapterSlots(shapes, num_slots=2, max_rank=8, dtype=torch.float32, device=CPU)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

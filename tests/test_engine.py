@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from interpreter import require_interpreter
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -113,6 +114,35 @@ def test_mixed_batch_matches_peft_one_request_at_a_time(models, arch):
         assert output.finish_reason == FinishReason.LENGTH
         ours = torch.stack(logits[request.request_id])
         torch.testing.assert_close(ours, ref_logits, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_the_triton_kernels_give_the_reference_path_results(models, monkeypatch):
+    """The same mixed batch with every kernel under Triton's interpreter (TRITON_INTERPRET=1: grouped
+    q/k/v and gate/up LoRA launches, paged attention, norms, rotary) and on the torch references:
+    the same tokens, logits equal to fp32 rounding."""
+    require_interpreter()
+    model_dir, adapters = models["llama"]
+    names = [None, "all-r4", "qv-r8", "mlp-r16", "ko-r2"]
+
+    def run():
+        engine = _engine(model_dir, adapters)
+        logits = _record_logits(engine)
+        requests = [
+            GenerationRequest(prompt_ids=[5 + i, 6, 7 * i + 1], adapter=name, max_new_tokens=3,
+                              ignore_eos=True, request_id=f"r{i}")
+            for i, name in enumerate(names)
+        ]  # fmt: skip
+        tokens = [o.token_ids for o in engine.generate(requests)]
+        return tokens, {key: torch.stack(rows) for key, rows in logits.items()}
+
+    tokens, logits = run()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    tokens_triton, logits_triton = run()
+    assert tokens_triton == tokens
+    assert logits_triton.keys() == logits.keys()
+    for key, rows in logits.items():
+        torch.testing.assert_close(logits_triton[key], rows, atol=1e-4, rtol=1e-4)
 
 
 def test_adapters_change_the_tokens(models):

@@ -16,7 +16,6 @@ GPU tests: `python -m pytest tests/test_kernels.py -m gpu` on a CUDA machine.
 
 from __future__ import annotations
 
-import functools
 import subprocess
 import sys
 import textwrap
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from interpreter import interpreter_unavailable, require_interpreter
 
 from lorafleet.kernels import (
     HAS_TRITON,
@@ -40,36 +40,6 @@ from lorafleet.kernels.testing import LoraProblem, assign_slots, make_problem, m
 ROOT = Path(__file__).resolve().parent.parent
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-
-
-@functools.cache
-def interpreter_unavailable() -> str | None:
-    """Why Triton's interpreter cannot run the kernels in this environment (None when it can).
-
-    Triton 3.6's interpreter turns runtime loop bounds into Python ints with int() of a 1-element
-    array, which numpy >= 2.4 refuses; later Triton releases squeeze first. Such an environment skips
-    the interpreter tests (the GPU tests still run the kernels for real) instead of failing them.
-    """
-    if not HAS_TRITON:
-        return "needs the triton package"
-    p = make_problem(1, 1, 4, 4, ranks=1)
-    try:
-        lora_shrink(p.x, p.lora_a, p.token_slots, p.slot_ranks, backend="triton")
-    except Exception as exc:
-        if "0-dimensional arrays" not in str(exc):
-            raise
-        import numpy
-        import triton
-
-        versions = f"triton {triton.__version__}, numpy {numpy.__version__}"
-        return f"Triton's interpreter cannot run loops with runtime bounds here ({versions})"
-    return None
-
-
-def require_interpreter() -> None:
-    reason = interpreter_unavailable()
-    if reason is not None:
-        pytest.skip(reason)
 
 
 @pytest.fixture
@@ -573,6 +543,21 @@ SHRINK_ERRORS = {
         r"^slot_ranks must",
     ),
     "ranks_float": (dict(slot_ranks=torch.ones(3)), TypeError, r"^slot_ranks must have dtype"),
+    "group_rows_uneven": (
+        dict(slot_ranks=torch.ones(3, 3, dtype=torch.int32)),
+        ValueError,
+        r"^lora_a has 8 rows per slot, which 3 groups \(slot_ranks \[3, 3\]\) cannot share equally",
+    ),
+    "group_ranks_slots": (
+        dict(slot_ranks=torch.ones(2, 4, dtype=torch.int32)),
+        ValueError,
+        r"^slot_ranks must have shape \[\*, 3\]",
+    ),
+    "group_rank_past_max": (  # 2 groups of R = 4: 5 is past a group's rows
+        dict(slot_ranks=torch.tensor([[1, 1, 1], [1, 5, 1]], dtype=torch.int32)),
+        ValueError,
+        r"^slot_ranks must lie in \[1, 4\]",
+    ),
 }
 
 
@@ -585,7 +570,7 @@ def test_shrink_rejects_bad_inputs_naming_the_argument(case):
 
 EXPAND_ERRORS = {
     "h_fp16": (dict(h=torch.zeros(6, 8, dtype=torch.float16)), TypeError, r"^h must have dtype"),
-    "h_rank": (dict(h=torch.zeros(6, 7)), ValueError, r"^lora_b must have shape \[\*, \*, 7\]"),
+    "h_rank": (dict(h=torch.zeros(6, 7)), ValueError, r"^h must have shape \[\*, 8\] \(1 group\(s\) of R=8"),
     "b_int": (dict(lora_b=torch.zeros(3, 12, 8, dtype=torch.int8)), TypeError, r"^lora_b must have dtype"),
     "b_strided": (
         dict(lora_b=torch.zeros(3, 8, 12).transpose(1, 2)),
@@ -605,6 +590,38 @@ EXPAND_ERRORS = {
         dict(token_slots=torch.full((6,), 7, dtype=torch.int32)),
         ValueError,
         r"^token_slots must lie",
+    ),
+    "groups_without_widths": (
+        dict(
+            h=torch.zeros(6, 16), slot_ranks=torch.ones(2, 3, dtype=torch.int32), slot_scales=torch.ones(2, 3)
+        ),
+        ValueError,
+        r"^group_widths must give the output columns of each of the 2 groups",
+    ),
+    "group_widths_sum": (
+        dict(
+            h=torch.zeros(6, 16),
+            slot_ranks=torch.ones(2, 3, dtype=torch.int32),
+            slot_scales=torch.ones(2, 3),
+            group_widths=[5, 6],
+        ),
+        ValueError,
+        r"^group_widths \[5, 6\] must add up to d_out = 12",
+    ),
+    "group_scales_shape": (
+        dict(h=torch.zeros(6, 16), slot_ranks=torch.ones(2, 3, dtype=torch.int32), group_widths=[6, 6]),
+        ValueError,
+        r"^slot_scales \(shape \[3\]\) must have the shape of slot_ranks \(\[2, 3\]\)",
+    ),
+    "too_many_groups": (
+        dict(
+            h=torch.zeros(6, 32),
+            slot_ranks=torch.ones(4, 3, dtype=torch.int32),
+            slot_scales=torch.ones(4, 3),
+            group_widths=[3, 3, 3, 3],
+        ),
+        ValueError,
+        r"^lora_expand takes at most 3 groups, got 4",
     ),
 }
 
@@ -750,3 +767,87 @@ def test_gpu_range_checks_only_in_debug_mode():
     before = out.clone()
     lora_expand(h, p.lora_b, bad, p.slot_ranks, p.slot_scales, out)
     assert torch.equal(out[0], before[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# groups: the projections of one fused GEMM (q, k, v) in one shrink and one expand launch
+
+
+def grouped_problem(
+    num_tokens: int, widths: tuple[int, ...], *, d_in: int, num_slots: int, max_rank: int,
+    dtype: torch.dtype, device: str = "cpu", seed: int = 0,
+) -> list[LoraProblem]:  # fmt: skip
+    """One problem per group, on the same x and token slots, with ranks of their own per group."""
+    problems = []
+    for g, width in enumerate(widths):
+        p = make_problem(
+            num_tokens, num_slots, d_in, width, ranks="mixed", max_rank=max_rank, popularity="zipf",
+            no_adapter_fraction=0.2, dtype=dtype, device=device, seed=seed + 7 * g,
+        )  # fmt: skip
+        if problems:  # the x and slots of the first group: one input, one token-to-slot map
+            p = LoraProblem(
+                problems[0].x, p.lora_a, p.lora_b, problems[0].token_slots, p.slot_ranks, p.slot_scales
+            )
+        problems.append(p)
+    return problems
+
+
+def check_groups_equal_separate_launches(problems: list[LoraProblem], backend: str) -> None:
+    """One grouped shrink + expand over the stacked groups == one launch pair per group, bit for bit."""
+    first = problems[0]
+    x, slots = first.x, first.token_slots
+    widths = [p.lora_b.shape[1] for p in problems]
+    max_rank = first.max_rank
+    lora_a = torch.cat([p.lora_a for p in problems], dim=1)  # [S, G * R, d_in]
+    lora_b = torch.cat([p.lora_b for p in problems], dim=1)  # [S, sum(widths), R]
+    ranks = torch.stack([p.slot_ranks for p in problems])  # [G, S]
+    scales = torch.stack([p.slot_scales for p in problems])
+    out_init = torch.cat([p.new_out(seed=g) for g, p in enumerate(problems)], dim=1)  # [T, sum(widths)]
+    meta = LoraBatchMeta.build(slots, first.num_slots)
+
+    h = lora_shrink(x, lora_a, slots, ranks, meta=meta, backend=backend)
+    out = out_init.clone()
+    lora_expand(h, lora_b, slots, ranks, scales, out, group_widths=widths, meta=meta, backend=backend)
+
+    assert h.shape == (first.num_tokens, len(problems) * max_rank)
+    col = 0
+    for g, p in enumerate(problems):
+        h_g = lora_shrink(x, p.lora_a, slots, p.slot_ranks, meta=meta, backend=backend)
+        out_g = out_init[:, col : col + widths[g]].clone()
+        lora_expand(h_g, p.lora_b, slots, p.slot_ranks, p.slot_scales, out_g, meta=meta, backend=backend)
+        assert torch.equal(h[:, g * max_rank : (g + 1) * max_rank], h_g), f"group {g}: h"
+        assert torch.equal(out[:, col : col + widths[g]], out_g), f"group {g}: out"
+        col += widths[g]
+
+
+@pytest.mark.parametrize("num_tokens", [1, 7, 133])
+def test_groups_equal_separate_launches_on_the_reference(num_tokens):
+    problems = grouped_problem(
+        num_tokens, (40, 24, 24), d_in=33, num_slots=5, max_rank=16, dtype=torch.float32
+    )
+    check_groups_equal_separate_launches(problems, "torch")
+    # and the separate launches agree with the oracle, so the grouped ones do too
+    for p in problems:
+        check_against_reference(p, *run_ops(p, "torch"))
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "widths", "dtype"),
+    [(1, (40, 24, 24), torch.float32), (7, (33, 70), torch.float16), (133, (40, 24, 24), torch.float32)],
+)
+def test_groups_equal_separate_launches_in_the_kernels(interpreter, num_tokens, widths, dtype):
+    """Two and three groups of odd widths, ranks mixed per group, tokens without adapters."""
+    problems = grouped_problem(num_tokens, widths, d_in=29, num_slots=6, max_rank=16, dtype=dtype, seed=4)
+    check_groups_equal_separate_launches(problems, "triton")
+
+
+@pytest.mark.parametrize("num_tokens", [1, 64, 2048])
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_qkv_groups_equal_separate_launches(num_tokens):
+    """q, k and v of Llama-3-8B (4096 -> 4096, 1024, 1024) in one launch pair, bf16."""
+    problems = grouped_problem(
+        num_tokens, (4096, 1024, 1024), d_in=4096, num_slots=32, max_rank=64, dtype=torch.bfloat16,
+        device="cuda", seed=5,
+    )  # fmt: skip
+    check_groups_equal_separate_launches(problems, "auto")

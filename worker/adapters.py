@@ -13,7 +13,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +30,22 @@ class AdapterError(ValueError):
 
 @dataclass(frozen=True)
 class ModelShapes:
-    """What an adapter must fit: layer count and (d_in, d_out) of each target projection."""
+    """What an adapter must fit: layer count and (d_in, d_out) of each target projection.
+
+    `groups` names the projections that the model runs as one GEMM (name -> its targets, in the order
+    of their output columns); their LoRA deltas then run as one shrink and one expand launch too.
+    Targets in no group run alone.
+    """
 
     num_layers: int
     projections: Mapping[str, tuple[int, int]]
+    groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def launch_groups(self) -> dict[str, tuple[str, ...]]:
+        """Every target in exactly one group: the named groups, then each other target alone."""
+        grouped = {t for parts in self.groups.values() for t in parts}
+        alone = {t: (t,) for t in self.projections if t not in grouped}
+        return {**self.groups, **alone}
 
 
 @dataclass
@@ -231,10 +243,13 @@ def _group(
 class AdapterSlots:
     """A fixed pool of `num_slots` device slots for adapters of rank <= max_rank.
 
-    a[layer][target]: [S, R, d_in]; b[layer][target]: [S, d_out, R]; ranks[target]: [S] int32;
-    scales[target]: [S] float32 (views of one tensor per target and half, see __init__). A slot that
-    does not adapt a target has rank 1 with zero weights and scale 0, so one token-to-slot map serves
-    every target. Copies from host memory run on a
+    Per launch group of projections (`ModelShapes.launch_groups`: q/k/v, o, gate/up, down):
+    group_a[layer][name]: [S, G * R, d_in], the group's A matrices stacked by rows per slot;
+    group_b[layer][name]: [S, sum of d_out, R], its B matrices stacked by rows (= the fused output's
+    columns); group_ranks[name] and group_scales[name]: [G, S]; group_widths[name]: each part's d_out.
+    Per target, views into those: a[layer][target]: [S, R, d_in]; b[layer][target]: [S, d_out, R];
+    ranks[target] and scales[target]: [S]. A slot that does not adapt a target has rank 1 with zero
+    weights and scale 0, so one token-to-slot map serves every target. Copies from host memory run on a
     side stream on CUDA; `wait_ready(slot)` makes the compute stream wait for them.
     """
 
@@ -250,30 +265,48 @@ class AdapterSlots:
         self.max_rank = max_rank
         self.device = device
         L, S, R = shapes.num_layers, num_slots, max_rank
-        # One tensor per target and half across layers, A [L, S, R, d_in] and B [L, S, d_out, R]: a
-        # slot's weights for every layer of a target are one strided view, filled by one copy.
-        self._a = {
-            t: torch.zeros(L, S, R, d_in, dtype=dtype, device=device)
-            for t, (d_in, _) in shapes.projections.items()
-        }
-        self._b = {
-            t: torch.zeros(L, S, d_out, R, dtype=dtype, device=device)
-            for t, (_, d_out) in shapes.projections.items()
-        }
+        self.groups = shapes.launch_groups()
+        self.group_widths = {n: [shapes.projections[t][1] for t in parts] for n, parts in self.groups.items()}
+        # One tensor per group and half across layers, A [L, S, G * R, d_in] and B [L, S, sum d_out, R];
+        # a slot's weights for every layer of a target are one strided view of it, filled by one copy.
+        self._group_a: dict[str, torch.Tensor] = {}
+        self._group_b: dict[str, torch.Tensor] = {}
+        self._a: dict[str, torch.Tensor] = {}  # target -> [L, S, R, d_in] view
+        self._b: dict[str, torch.Tensor] = {}  # target -> [L, S, d_out, R] view
+        for name, parts in self.groups.items():
+            d_in = shapes.projections[parts[0]][0]
+            if any(shapes.projections[t][0] != d_in for t in parts):
+                raise ValueError(f"the projections of group {name} {parts} must share their input width")
+            widths = self.group_widths[name]
+            group_a = torch.zeros(L, S, len(parts) * R, d_in, dtype=dtype, device=device)
+            group_b = torch.zeros(L, S, sum(widths), R, dtype=dtype, device=device)
+            self._group_a[name], self._group_b[name] = group_a, group_b
+            col = 0
+            for g, (target, width) in enumerate(zip(parts, widths, strict=True)):
+                self._a[target] = group_a[:, :, g * R : (g + 1) * R]
+                self._b[target] = group_b[:, :, col : col + width]
+                col += width
+        self.group_a = [{n: a[layer] for n, a in self._group_a.items()} for layer in range(L)]
+        self.group_b = [{n: b[layer] for n, b in self._group_b.items()} for layer in range(L)]
         self.a = [{t: self._a[t][layer] for t in shapes.projections} for layer in range(L)]
         self.b = [{t: self._b[t][layer] for t in shapes.projections} for layer in range(L)]
-        # Ranks and scales of every target in one tensor each ([targets, S]): two copies per load.
-        targets = len(shapes.projections)
-        self._ranks = torch.ones(targets, S, dtype=torch.int32, device=device)
-        self._scales = torch.zeros(targets, S, dtype=torch.float32, device=device)
-        self.ranks = {t: self._ranks[i] for i, t in enumerate(shapes.projections)}
-        self.scales = {t: self._scales[i] for i, t in enumerate(shapes.projections)}
+        # Ranks and scales of every target in one tensor each ([targets, S], a group's rows together):
+        # two copies per load.
+        self._row = {t: i for i, t in enumerate(t for parts in self.groups.values() for t in parts)}
+        self._ranks = torch.ones(len(self._row), S, dtype=torch.int32, device=device)
+        self._scales = torch.zeros(len(self._row), S, dtype=torch.float32, device=device)
+        self.ranks = {t: self._ranks[self._row[t]] for t in shapes.projections}
+        self.scales = {t: self._scales[self._row[t]] for t in shapes.projections}
+        rows = {n: slice(self._row[p[0]], self._row[p[0]] + len(p)) for n, p in self.groups.items()}
+        self.group_ranks = {n: self._ranks[rows[n]] for n in self.groups}  # [G, S] each
+        self.group_scales = {n: self._scales[rows[n]] for n in self.groups}
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._ready: dict[int, Any] = {}
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self._a.values(), *self._b.values()))
+        tensors = (*self._group_a.values(), *self._group_b.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def load(self, slot: int, adapter: LoraAdapter) -> None:
         """Copy `adapter` into `slot` (asynchronously on CUDA: call wait_ready before use).
@@ -287,7 +320,7 @@ class AdapterSlots:
         r = adapter.rank
         ranks, scales = [], []
         with ctx:
-            for target in self.shapes.projections:
+            for target in self._row:  # in the order of the rows of _ranks and _scales
                 a_dst, b_dst = (
                     self._a[target][:, slot],
                     self._b[target][:, slot],

@@ -105,6 +105,7 @@ class ModelSpec:
                 "up_proj": (self.hidden, self.intermediate),
                 "down_proj": (self.intermediate, self.hidden),
             },
+            groups={name: parts for name, (_, parts) in FUSED.items()},
         )
 
 
@@ -252,15 +253,14 @@ class DecoderModel:
         # x: [N, d_in]
         prefix = f"model.layers.{layer}.{block}.{name}"
         y = F.linear(x, self.weights[f"{prefix}.weight"], self.weights.get(f"{prefix}.bias"))
-        parts = FUSED[name][1] if name in FUSED else (name,)
-        outs = list(y.split(self._widths[name], dim=1)) if name in FUSED else [y]
         if batch.has_lora and slots is not None:
-            meta = batch.lora_meta
-            for target, out in zip(parts, outs, strict=True):
-                ranks, scales = slots.ranks[target], slots.scales[target]
-                h = lora_shrink(x, slots.a[layer][target], batch.token_slots, ranks, meta=meta)  # [N, R] fp32
-                lora_expand(h, slots.b[layer][target], batch.token_slots, ranks, scales, out, meta=meta)
-        return outs
+            # One shrink and one expand for the whole group (q/k/v: G = 3), on y's columns.
+            ranks, scales = slots.group_ranks[name], slots.group_scales[name]  # [G, S]
+            a, b, slots_of = slots.group_a[layer][name], slots.group_b[layer][name], batch.token_slots
+            h = lora_shrink(x, a, slots_of, ranks, meta=batch.lora_meta)  # [N, G * R] fp32
+            widths = slots.group_widths[name]
+            lora_expand(h, b, slots_of, ranks, scales, y, group_widths=widths, meta=batch.lora_meta)
+        return list(y.split(self._widths[name], dim=1)) if name in FUSED else [y]
 
     def _attention(
         self, x: torch.Tensor, layer: int, batch: StepBatch, cache: KVCache, slots: AdapterSlots | None,
