@@ -19,6 +19,9 @@ Columns (per call)
                             reading that adapter once): what the extra tokens on that adapter cost
   copies_ms, copies_%hbm      two device-to-device copies (two kernels, as shrink + expand are) moving the
                             same bytes in the same way: what two kernels of that size reach on this GPU
+After the table, q/k/v at 8B sizes (tokens over adapters: 64/64, 64/1, 1/1; rank 16) as three launch
+pairs and as one grouped pair, the way the engine runs a fused q/k/v projection (JSON: qkv_groups).
+
 Each measurement rotates over enough copies of the batch (adapter weights, x and out per copy) that the
 bytes of one replay exceed 3x the L2 cache: every call reads them from HBM. The copies share the token
 slots and their LoraBatchMeta, as every LoRA layer of one engine step shares the step's metadata.
@@ -280,6 +283,52 @@ def check_against_baseline(t: Batch) -> float:
     return float((ours.float() - theirs.float()).abs().max())
 
 
+QKV_WIDTHS = (4096, 1024, 1024)  # Llama-3-8B q, k, v outputs of one 4096-wide hidden state
+QKV_POINTS = ((64, 64), (64, 1), (1, 1))  # (tokens, adapters), rank 16
+
+
+def run_qkv_groups(tokens: int, adapters: int, rank: int, l2_bytes: int) -> dict[str, Any]:
+    """q, k and v LoRA as three shrink + expand pairs, and as one grouped pair (what the engine runs)."""
+    d_in = 4096
+    elem = torch.finfo(DTYPE).bits // 8
+    per_call = elem * (
+        tokens * d_in + adapters * rank * (3 * d_in + sum(QKV_WIDTHS)) + 2 * tokens * sum(QKV_WIDTHS)
+    )
+    copies = max(1, min(MAX_COPIES, math.ceil(3 * l2_bytes / per_call)))
+    slots = assign_slots(tokens, adapters, "distinct", seed=0).to(DEVICE)
+    meta = LoraBatchMeta.build(slots, adapters)
+    separate, grouped = [], []
+    for c in range(copies):
+        parts = [
+            make_problem(1, adapters, d_in, w, ranks=rank, dtype=DTYPE, device=DEVICE, seed=3 * c + g)
+            for g, w in enumerate(QKV_WIDTHS)
+        ]
+        x = torch.randn(tokens, d_in, device=DEVICE, dtype=DTYPE)
+        out = torch.randn(tokens, sum(QKV_WIDTHS), device=DEVICE, dtype=DTYPE)  # the fused GEMM's output
+        outs = out.split(QKV_WIDTHS, dim=1)
+        a = torch.cat([p.lora_a for p in parts], dim=1)  # [N, 3R, d_in]
+        b = torch.cat([p.lora_b for p in parts], dim=1)  # [N, sum widths, R]
+        ranks = torch.stack([p.slot_ranks for p in parts])  # [3, N]
+        scales = torch.stack([p.slot_scales for p in parts])
+
+        def three(x=x, parts=parts, outs=outs) -> None:
+            for p, o in zip(parts, outs, strict=True):
+                h = lora_shrink(x, p.lora_a, slots, p.slot_ranks, meta=meta)
+                lora_expand(h, p.lora_b, slots, p.slot_ranks, p.slot_scales, o, meta=meta)
+
+        def one(x=x, a=a, b=b, ranks=ranks, scales=scales, out=out) -> None:
+            h = lora_shrink(x, a, slots, ranks, meta=meta)
+            lora_expand(h, b, slots, ranks, scales, out, group_widths=list(QKV_WIDTHS), meta=meta)
+
+        separate.append(three)
+        grouped.append(one)
+    row = {"tokens": tokens, "adapters": adapters, "rank": rank, "bytes": per_call, "copies": copies}
+    row["separate_ms"] = graph_ms(separate)
+    row["grouped_ms"] = graph_ms(grouped)
+    row["speedup"] = row["separate_ms"] / row["grouped_ms"]
+    return row
+
+
 # ------------------------------------------------------------------------------------------------
 # report
 
@@ -340,13 +389,24 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
     add_derived(rows, hbm)
     print_table(rows, COLUMNS)
+    qkv = [run_qkv_groups(t, n, 16, l2_bytes) for t, n in QKV_POINTS]
+    for row in qkv:
+        row["%hbm"] = 100 * row["bytes"] / (row["grouped_ms"] / 1e3) / hbm
+    print("\nq, k and v (Llama-3-8B, rank 16): three launch pairs vs one grouped pair")
+    print_table(qkv, ["tokens", "adapters", "separate_ms", "grouped_ms", "speedup", "%hbm"])
     targets = check_targets(rows)
     for check in targets:
         print(f"{'PASS' if check['ok'] else 'MISS'}  {check['target']}: {check['value']:.3g}")
     path = write_results(
         "bench_kernels",
         rows,
-        extra={"hbm_bytes_per_s": hbm, "l2_bytes": l2_bytes, "quick": args.quick, "targets": targets},
+        extra={
+            "hbm_bytes_per_s": hbm,
+            "l2_bytes": l2_bytes,
+            "quick": args.quick,
+            "targets": targets,
+            "qkv_groups": qkv,
+        },
     )
     print(f"wrote {path} in {time.perf_counter() - started:.0f} s")
     return 0
