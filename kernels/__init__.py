@@ -14,7 +14,7 @@ interpreter with backend="triton" or TRITON_INTERPRET=1). Importing this package
 from lorafleet.kernels._triton import HAS_TRITON
 from lorafleet.kernels.attention import paged_attention, paged_attention_ref
 from lorafleet.kernels.expand import lora_expand
-from lorafleet.kernels.meta import LoraBatchMeta, block_m_for, make_batch_meta
+from lorafleet.kernels.meta import LoraBatchMeta, block_m_for, expand_block_m_for, make_batch_meta
 from lorafleet.kernels.norm import rms_norm, rms_norm_ref
 from lorafleet.kernels.reference import lora_expand_ref, lora_shrink_ref
 from lorafleet.kernels.rotary import apply_rotary, apply_rotary_ref
@@ -26,6 +26,7 @@ __all__ = [
     "apply_rotary",
     "apply_rotary_ref",
     "block_m_for",
+    "expand_block_m_for",
     "lora_expand",
     "lora_expand_ref",
     "lora_shrink",

@@ -7,10 +7,11 @@ nothing, so those rows of `out` are untouched. Each output element has one write
 fp32, rounded once): deterministic, no atomics.
 
 The product is a tl.dot of [DOT_M, 16] h blocks (rounded to the weights' dtype for the tensor cores,
-as the base model's own matmuls do) and [16, BLOCK_N] B blocks. Decode tiles have 4 rows (often one
-token): they still go through a 16-row dot with the extra rows masked, which wastes tensor-core cycles
-that are free here but, unlike a multiply-reduce on CUDA cores, does not replicate the B tile per token
-in registers, so each program can keep a wide B tile in flight.
+as the base model's own matmuls do) and [16, BLOCK_N] B blocks. Decode tiles have 8 rows (expand's
+own tile map, see meta.py; often one token): they still go through a 16-row dot with the extra rows
+masked, which wastes tensor-core cycles that are free here but, unlike a multiply-reduce on CUDA
+cores, does not replicate the B tile per token in registers, so each program can keep a wide B tile
+in flight.
 
 Groups. Projections whose outputs are column slices of one wider output (q, k and v of one fused
 GEMM) can run as one launch: their B matrices stacked by rows per slot ([S, d_q + d_k + d_v, R]), h
@@ -120,15 +121,18 @@ class _ExpandConfig:
 def _expand_config(block_m: int, dtype: torch.dtype) -> _ExpandConfig:
     """Block sizes by tile height and dtype.
 
-    The decode size (tiles under 16 rows) is the fastest of benchmarks/sweep_kernels.py on an H100 over
-    its target points (rank 16, 4096 -> 4096); the others were picked from ptxas resource usage for
-    sm_90 (no register spills). The rank is stepped 16 columns at a time (tl.dot's minimum): wider
+    The decode sizes (tiles under 16 rows) are the fastest of benchmarks/sweep_kernels.py on an H100
+    over its target points (rank 16, 4096 -> 4096) for 8-row tiles (the default) and 4-row tiles (a
+    meta built with block_m=4); the others were picked from ptxas resource usage for sm_90 (no register
+    spills). The rank is stepped 16 columns at a time (tl.dot's minimum): wider
     steps cost registers for the transposed B tile's pointers and spill.
     """
     if dtype == torch.float32:
         return _ExpandConfig(64, 8 if block_m >= 64 else 4, 3)
-    if block_m < 16:
+    if block_m < 8:
         return _ExpandConfig(256, 4, 3, preload_out=True)
+    if block_m < 16:
+        return _ExpandConfig(128, 4, 3, preload_out=True)
     return _ExpandConfig(128, 8 if block_m >= 64 else 4, 3)
 
 
@@ -177,17 +181,17 @@ def lora_expand(
         return
     if meta is None:
         meta = LoraBatchMeta.build(token_slots, num_slots)
-    cfg = _expand_config(meta.block_m, out.dtype)
+    cfg = _expand_config(meta.expand_block_m, out.dtype)
     n_tiles = [triton.cdiv(w, cfg.block_n) for w in widths]
     padded_widths = [*widths, 0, 0][:MAX_GROUPS]
     padded_tiles = [*n_tiles, 0][:2]
-    grid = (meta.num_tiles, sum(n_tiles))
+    grid = (meta.num_expand_tiles, sum(n_tiles))
     runnable_kernel(_lora_expand_kernel, device)[grid](
         h,
         lora_b,
         out,
         meta.token_indices_sorted_by_slot,
-        meta.tiles,
+        meta.expand_tiles,
         slot_ranks,
         slot_scales,
         max_rank,
@@ -198,8 +202,8 @@ def lora_expand(
         out.stride(0),
         lora_b.stride(0),
         lora_b.stride(1),
-        BLOCK_M=meta.block_m,
-        DOT_M=max(16, meta.block_m),
+        BLOCK_M=meta.expand_block_m,
+        DOT_M=max(16, meta.expand_block_m),
         BLOCK_N=cfg.block_n,
         BLOCK_R=16,
         PRELOAD_OUT=cfg.preload_out,

@@ -6,7 +6,11 @@ tensor has a size fixed by (T, S), so it can be built inside a captured region a
 
 The kernels walk a *tile map*: the sorted token list cut into tiles of `block_m` rows, each tile inside
 one slot's segment. Its length is the bound cdiv(T, block_m) + min(S + 1, T) whatever the slots are, so
-the launch grid is fixed; tiles past the real ones are empty and their programs do nothing.
+the launch grid is fixed; tiles past the real ones are empty and their programs do nothing. Below
+DOT_MIN_TOKENS tokens, expand walks a second map of 8-row tiles (shrink's are 4 rows): on expand's
+16-row tensor-core tiles, 8 tokens of one adapter cost what 4 do, and one adapter's B is read half as
+often (benchmarks/sweep_kernels.py on an H100: 64 tokens on one adapter 3.50 vs 4.08 us, 64 tokens over
+64 adapters 9.21 vs 9.20 us).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TILE_FIELDS", "LoraBatchMeta", "block_m_for", "make_batch_meta"]
+__all__ = ["TILE_FIELDS", "LoraBatchMeta", "block_m_for", "expand_block_m_for", "make_batch_meta"]
 
 # Columns of `LoraBatchMeta.tiles` (a fourth column pads each row to 16 bytes).
 TILE_FIELDS = ("slot", "row_start", "row_end")
@@ -26,6 +30,7 @@ _TILE_WIDTH = 4
 # segments of a few tokens); from it on, tl.dot on 16- or 64-row tiles (prefill: long segments).
 DOT_MIN_TOKENS = 128
 LARGE_TILE_MIN_TOKENS = 2048
+EXPAND_DECODE_BLOCK_M = 8
 
 
 def block_m_for(num_tokens: int) -> int:
@@ -35,6 +40,11 @@ def block_m_for(num_tokens: int) -> int:
     if num_tokens < LARGE_TILE_MIN_TOKENS:
         return 16
     return 64
+
+
+def expand_block_m_for(num_tokens: int) -> int:
+    """Rows per tile of expand's tile map for a step of `num_tokens` tokens."""
+    return EXPAND_DECODE_BLOCK_M if num_tokens < DOT_MIN_TOKENS else block_m_for(num_tokens)
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,16 +65,19 @@ class LoraBatchMeta:
     active_slot_ids: torch.Tensor  # [S] int32: slots with tokens, ascending, then -1
     num_active_slots: torch.Tensor  # [] int32
     tiles: torch.Tensor  # [NT, 4] int32: slot (-1 = none), row_start, row_end (segment end), unused
+    expand_block_m: int  # rows per tile of `expand_tiles`
+    expand_tiles: torch.Tensor  # [NT', 4] int32: the same for expand (`tiles` itself when the heights match)
 
     @classmethod
     def build(cls, token_slots: torch.Tensor, num_slots: int, *, block_m: int | None = None) -> LoraBatchMeta:
         """Group `token_slots` ([T] int32, -1 = no adapter) by slot for a pool of `num_slots` slots.
 
-        `block_m` (a power of two) picks the tile height; by default `block_m_for(T)`, which the
-        launchers expect. No host sync: safe inside CUDA-graph capture.
+        `block_m` (a power of two) picks the tile height of both kernels; by default `block_m_for(T)`
+        for shrink and `expand_block_m_for(T)` for expand. No host sync: safe inside CUDA-graph capture.
         """
         _check_build_args(token_slots, num_slots, block_m)
         num_tokens = token_slots.shape[0]
+        expand_block_m = expand_block_m_for(num_tokens) if block_m is None else block_m
         block_m = block_m_for(num_tokens) if block_m is None else block_m
         device = token_slots.device
         # key: [T] int32 in 0..S, where S is the no-adapter group
@@ -74,6 +87,7 @@ class LoraBatchMeta:
         bounds = torch.searchsorted(sorted_key, groups, out_int32=True)  # [S + 2]
         counts = bounds[1:] - bounds[:-1]  # [S + 1], last = no-adapter tokens
         active_ids, num_active = _active_slots(counts[:num_slots])
+        tiles = _tile_map(bounds[:-1], counts, num_tokens, block_m)
         return cls(
             num_tokens=num_tokens,
             num_slots=num_slots,
@@ -83,7 +97,13 @@ class LoraBatchMeta:
             slot_start=bounds[: num_slots + 1],
             active_slot_ids=active_ids,
             num_active_slots=num_active,
-            tiles=_tile_map(bounds[:-1], counts, num_tokens, block_m),
+            tiles=tiles,
+            expand_block_m=expand_block_m,
+            expand_tiles=(
+                tiles
+                if expand_block_m == block_m
+                else _tile_map(bounds[:-1], counts, num_tokens, expand_block_m)
+            ),
         )
 
     @property
@@ -95,6 +115,11 @@ class LoraBatchMeta:
     def num_tiles(self) -> int:
         """Length of the tile map: cdiv(T, block_m) + min(S + 1, T), fixed for given T and S."""
         return self.tiles.shape[0]
+
+    @property
+    def num_expand_tiles(self) -> int:
+        """Length of expand's tile map: cdiv(T, expand_block_m) + min(S + 1, T)."""
+        return self.expand_tiles.shape[0]
 
     def slot_segments(self) -> Iterator[tuple[int, torch.Tensor]]:
         """(slot, token indices [n] int64) for each slot with tokens. Reads counts on the host (syncs)."""

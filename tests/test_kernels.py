@@ -29,6 +29,7 @@ from lorafleet.kernels import (
     HAS_TRITON,
     LoraBatchMeta,
     block_m_for,
+    expand_block_m_for,
     lora_expand,
     lora_expand_ref,
     lora_shrink,
@@ -159,6 +160,31 @@ def test_meta_tiles_cover_each_token_once_within_one_slot(block_m, popularity):
         expected = slots[rows].clamp(min=-1)
         assert (expected == slot).all()
     assert (seen == 1).all()
+
+
+@pytest.mark.parametrize("num_tokens", [1, 64, 127, 128, 2048])
+def test_meta_gives_expand_its_own_tile_map_for_decode_steps(num_tokens):
+    """Under 128 tokens expand walks 8-row tiles (shrink 4-row ones); from 128 on both share one map.
+    Each map covers every token once, inside its slot's segment; a block_m passed in sets both."""
+    slots = assign_slots(num_tokens, 9, "zipf", no_adapter_fraction=0.2, seed=4)
+    meta = LoraBatchMeta.build(slots, 9)
+    assert meta.block_m == block_m_for(num_tokens)
+    assert meta.expand_block_m == expand_block_m_for(num_tokens)
+    assert meta.expand_block_m == (8 if num_tokens < 128 else meta.block_m)
+    if meta.expand_block_m == meta.block_m:
+        assert meta.expand_tiles is meta.tiles
+    order = meta.token_indices_sorted_by_slot.long()
+    for tiles, block_m in ((meta.tiles, meta.block_m), (meta.expand_tiles, meta.expand_block_m)):
+        assert tiles.shape[0] == -(-num_tokens // block_m) + min(10, num_tokens)
+        seen = torch.zeros(num_tokens, dtype=torch.long)
+        for slot, start, end, _ in tiles.tolist():
+            rows = order[start : min(start + block_m, end)]
+            seen[rows] += 1
+            assert (slots[rows].clamp(min=-1) == slot).all()
+        assert (seen == 1).all()
+    forced = LoraBatchMeta.build(slots, 9, block_m=4)
+    assert forced.block_m == forced.expand_block_m == 4
+    assert forced.expand_tiles is forced.tiles
 
 
 def test_meta_sizes_depend_on_token_and_slot_counts_only():
