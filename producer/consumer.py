@@ -280,7 +280,7 @@ def reject(r: redis.Redis, keys: Keys, delivery: Delivery, error: ProtocolError,
     """Answer a job that `decode_job` refused: an error reply when it names a valid reply stream and
     job id, else a dead letter (nobody could be told)."""
     if error.job_id is not None and error.reply_to is not None:
-        reply = ErrorReply.of(error.job_id, error.code, error.message, worker=worker)
+        reply = ErrorReply.of(error.job_id, error.code, error.message, worker=worker, metadata=error.metadata)
         ttl = error.reply_ttl or 3600
         return publish_final(
             r, delivery.stream, delivery.entry_id, reply, reply_to=error.reply_to, reply_ttl=ttl

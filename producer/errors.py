@@ -13,8 +13,9 @@ class ProtocolError(LorafleetError, ValueError):
     """A job or reply that does not follow wire protocol v1.
 
     `code` is the error code a worker answers with (normally ``invalid_request``). What could be
-    read of the message before the error travels along (`job_id`, `reply_to`, `reply_ttl`), so that
-    a worker can still answer a job it cannot run; each is None where it could not be read.
+    read of the message before the error travels along (`job_id`, `reply_to`, `reply_ttl`,
+    `metadata`), so that a worker can still answer a job it cannot run, echoing its metadata; each is
+    None where it could not be read.
     """
 
     def __init__(
@@ -25,6 +26,7 @@ class ProtocolError(LorafleetError, ValueError):
         job_id: str | None = None,
         reply_to: str | None = None,
         reply_ttl: int | None = None,
+        metadata: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
@@ -32,6 +34,7 @@ class ProtocolError(LorafleetError, ValueError):
         self.job_id = job_id
         self.reply_to = reply_to
         self.reply_ttl = reply_ttl
+        self.metadata = metadata
 
 
 class QueueFull(LorafleetError):

@@ -296,8 +296,11 @@ def _check_version(wire: Mapping[str, Any], what: str) -> None:
         raise ValueError(f"unsupported protocol version v={version} (this side speaks {PROTOCOL_VERSION})")
 
 
-def _routing(wire: Mapping[str, Any], keys: Keys | None) -> tuple[str | None, str | None, int | None]:
-    """The job id, reply stream and reply TTL as far as they are valid, so that an error can be answered."""
+def _routing(
+    wire: Mapping[str, Any], keys: Keys | None
+) -> tuple[str | None, str | None, int | None, dict[str, Any] | None]:
+    """The job id, reply stream, reply TTL and metadata as far as they are valid, so that an error can
+    be answered (and the metadata echoed)."""
     job_id = wire.get("id")
     job_id = job_id if isinstance(job_id, str) and _valid(check_job_id, job_id) else None
     reply_to = wire.get("reply_to")
@@ -307,7 +310,9 @@ def _routing(wire: Mapping[str, Any], keys: Keys | None) -> tuple[str | None, st
     ttl = wire.get("reply_ttl", DEFAULT_REPLY_TTL)
     if isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= MAX_REPLY_TTL:
         ttl = DEFAULT_REPLY_TTL
-    return job_id, reply_to, ttl
+    metadata = wire.get("metadata")
+    metadata = metadata if metadata is not None and _valid(_metadata, metadata) else None
+    return job_id, reply_to, ttl, metadata
 
 
 def _valid(check: Any, value: Any) -> bool:
@@ -324,12 +329,13 @@ def job_from_wire(wire: Mapping[str, Any], keys: Keys | None = None) -> Job:
     With `keys`, `reply_to` must be a reply stream of that namespace, so that a job can never make
     a worker write into another key.
     """
-    job_id, reply_to, reply_ttl = _routing(wire, keys)
+    job_id, reply_to, reply_ttl, metadata = _routing(wire, keys)
 
     def fail(message: str) -> ProtocolError:
         return ProtocolError(
-            ErrorCode.INVALID_REQUEST, message, job_id=job_id, reply_to=reply_to, reply_ttl=reply_ttl
-        )
+            ErrorCode.INVALID_REQUEST, message, job_id=job_id, reply_to=reply_to, reply_ttl=reply_ttl,
+            metadata=metadata,
+        )  # fmt: skip
 
     try:
         _check_version(wire, "job")

@@ -215,14 +215,16 @@ def test_unknown_major_version_gets_invalid_request_from_the_worker(redis_url, r
 
 
 def test_bad_field_from_a_foreign_producer_is_named_in_the_error(redis_url, redis_client, worker):
+    """The error names the field, and echoes the job's metadata like every other error reply."""
     keys = Keys()
-    job = Job(id="bad-field", reply_to=keys.reply("c-bad"), prompt="hi")
+    job = Job(id="bad-field", reply_to=keys.reply("c-bad"), prompt="hi", metadata={"trace": "t-17"})
     submission = prepare(job, keys, Producer(redis_url).config)
     payload = msgpack.packb(job_to_wire(job) | {"max_new_tokens": 0}, use_bin_type=True)
     redis_client.eval(scripts.SUBMIT, 5, *submission.keys, payload, *submission.args[1:])
     reply = _wait_reply(redis_client, keys.reply("c-bad"))
     assert reply.code == "invalid_request"
     assert "max_new_tokens" in reply.message
+    assert reply.metadata == {"trace": "t-17"}
 
 
 def _wait_reply(client: redis.Redis, stream: str):

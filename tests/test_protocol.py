@@ -162,6 +162,16 @@ def test_unknown_major_version_is_invalid_request_with_routing_info():
     assert caught.value.code == ErrorCode.INVALID_REQUEST
     assert "version" in caught.value.message
     assert (caught.value.job_id, caught.value.reply_to, caught.value.reply_ttl) == ("job-1", REPLY_TO, 60)
+    assert caught.value.metadata == full_job().metadata  # echoed in the error reply
+
+
+def test_invalid_metadata_is_not_carried_with_the_error():
+    too_many_keys = {f"k{i}": i for i in range(65)}
+    wire = job_to_wire(full_job()) | {"v": 2, "metadata": too_many_keys}
+    with pytest.raises(ProtocolError) as caught:
+        decode_job(msgpack.packb(wire, use_bin_type=True), Keys())
+    assert caught.value.job_id == "job-1"
+    assert caught.value.metadata is None
 
 
 @pytest.mark.parametrize(
