@@ -4,6 +4,9 @@
     h = lora_shrink(x, lora_a, token_slots, slot_ranks, meta=meta)            # [T, R] fp32
     lora_expand(h, lora_b, token_slots, slot_ranks, slot_scales, out, meta=meta)  # out += ...
 
+Projections that share their input (q, k and v) run as one launch pair: A stacked [S, G*R, d_in], B
+stacked [S, sum of d_out, R], ranks and scales [G, S], and `group_widths=` (each d_out) for expand.
+
 and the fused pieces of a decoder layer that would otherwise take many small kernels each: `rms_norm`
 (with the residual add before it), `apply_rotary` (q and k together) and `paged_attention`.
 
