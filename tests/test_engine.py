@@ -285,6 +285,42 @@ def test_abort_frees_the_sequence_and_its_cache(models):
     assert not engine.has_unfinished()
 
 
+def test_requests_added_and_aborted_between_launch_and_finish(models):
+    """The worker does its host work between `launch` and `finish`: a request added then joins the
+    next step with the tokens it gets alone; one aborted then has its token of the launched step
+    dropped and is reported aborted by the next step, its cache freed."""
+    model_dir, adapters = models["llama"]
+    prompt = dict(prompt_ids=[5, 6, 7], adapter="all-r4", max_new_tokens=5, ignore_eos=True)
+    alone = _engine(model_dir, adapters).generate([GenerationRequest(**prompt)])[0].token_ids
+
+    engine = _engine(model_dir, adapters, kv_cache_tokens=256)
+    total = engine.kv.unreserved_blocks
+    kept = engine.add_request(GenerationRequest(prompt_ids=[9, 8], max_new_tokens=20, ignore_eos=True))
+    dropped = engine.add_request(GenerationRequest(prompt_ids=[4, 4], max_new_tokens=20, ignore_eos=True))
+    engine.step()
+    engine.launch()
+    late = engine.add_request(GenerationRequest(**prompt))
+    assert engine.abort(dropped)
+    outputs = engine.finish()
+    assert {o.request_id for o in outputs} == {kept}  # the late one waits, the aborted one's token is dropped
+    engine.launch()
+    with pytest.raises(RuntimeError, match="finish"):
+        engine.launch()
+    outputs = engine.finish()
+    assert (dropped, True, FinishReason.ABORTED) in [
+        (o.request_id, o.finished, o.finish_reason) for o in outputs
+    ]
+    assert (
+        engine._finished[dropped].output_ids == engine._finished[dropped].output_ids[:1]
+    )  # one step's token
+    assert engine.finish() == []  # nothing launched
+    assert engine.abort(kept)
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.pop_output(late).token_ids == alone
+    assert engine.kv.unreserved_blocks == total
+
+
 def test_requests_wait_for_kv_blocks_instead_of_failing(models):
     model_dir, adapters = models["llama"]
     engine = _engine(model_dir, adapters, kv_cache_tokens=48, block_size=8)

@@ -533,6 +533,38 @@ def test_a_cancel_stops_a_running_job_within_steps_and_a_bare_marker_within_the_
             assert failure.value.code == ErrorCode.CANCELLED
 
 
+def test_a_busy_turn_does_its_redis_work_while_the_engine_step_runs(redis_url, inproc):
+    """With sequences running, a turn launches the engine step, then does housekeeping and admission
+    (Redis round trips, overlapping the GPU's step), then finishes the step: a job submitted
+    meanwhile is admitted there and joins the next step."""
+    worker = inproc()
+    calls: list[str] = []
+    for name, owner in (
+        ("launch", worker.engine),
+        ("finish", worker.engine),
+        ("_housekeeping", worker),
+        ("_admit", worker),
+    ):
+        real = getattr(owner, name)
+
+        def traced(*args, _real=real, _name=name, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        setattr(owner, name, traced)
+    spec = dict(max_new_tokens=30, ignore_eos=True, temperature=0.0)
+    with Producer(redis_url) as producer:
+        first = producer.submit(prompt_ids=[5, 6, 7], **spec)
+        turn_until(worker, lambda: worker.engine.num_running == 1)
+        second = producer.submit(prompt_ids=[5, 6, 8], **spec)
+        calls.clear()
+        worker.turn()
+        assert calls == ["launch", "_housekeeping", "_admit", "finish"]
+        assert worker.engine.num_waiting == 1  # admitted during the step, runs from the next one
+        turn_until(worker, lambda: not worker.running, timeout=60)
+        assert len(first.result(timeout=10).token_ids) == len(second.result(timeout=10).token_ids) == 30
+
+
 def test_running_jobs_cost_no_marker_reads_while_nobody_cancels(redis_url, inproc):
     """With no cancel counter in Redis yet (nobody ever cancelled), a step reads the counter with its
     replies and nothing else: no MGET of every running job's marker per step."""
@@ -601,14 +633,14 @@ def test_engine_steps_that_keep_failing_hand_the_jobs_back_and_then_stop_the_wor
 
     worker = inproc(visibility_timeout=2.0)
     failing = threading.Event()
-    real_step = worker.engine.step
+    real_launch = worker.engine.launch
 
-    def step():
+    def launch():
         if failing.is_set():
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real_step()
+        return real_launch()
 
-    worker.engine.step = step
+    worker.engine.launch = launch
     spec = dict(max_new_tokens=12, ignore_eos=True, temperature=0.0)
     with Producer(redis_url) as producer:
         handles = [producer.submit(prompt_ids=[5, 6, 7 + i], **spec) for i in range(2)]

@@ -8,6 +8,10 @@ The worker drives the incremental interface instead: `add_request` queues a requ
 waiting requests into free sequence slots (loading their adapter into a device slot when needed),
 runs one forward over every running sequence (prefill of the new ones, one decode token for the
 rest) and returns what each produced; `abort` ends a request at the next step boundary.
+
+`step` is `launch` then `finish`. On a GPU, `launch` returns once the step's forward and sampling
+are queued on the device; the worker does its own host work (reading Redis, cancels, claims) before
+`finish` waits for the sampled tokens, so that work overlaps the GPU's instead of adding to it.
 """
 
 from __future__ import annotations
@@ -74,6 +78,16 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} is out of range: {getattr(self, name)!r}")
 
 
+@dataclass
+class _Launched:
+    """A step between `Engine.launch` and `Engine.finish`."""
+
+    outputs: list[StepOutput]  # of requests retired before the forward (aborted, refused)
+    seqs: list[Sequence]  # the sequences the forward runs, in batch order
+    host_ids: torch.Tensor  # [>= B] int64: the sampled ids, valid once `ready` has passed
+    ready: torch.cuda.Event | None  # recorded after the copy to the host (None on the CPU)
+
+
 class Engine:
     """One base model serving many LoRA adapters in the same batch."""
 
@@ -100,6 +114,8 @@ class Engine:
         self._running: list[Sequence] = []
         self._finished: dict[str, Sequence] = {}
         self._carried: list[StepOutput] = []  # outputs of a step whose forward raised
+        self._launched: _Launched | None = None  # the step between launch() and finish()
+        self._host_ids: torch.Tensor | None = None  # pinned buffer the sampled ids are copied into
         self._ids = itertools.count()
         self.stats = {"adapter_loads": 0, "adapter_evictions": 0, "adapter_hits": 0}
 
@@ -342,33 +358,81 @@ class Engine:
         If the forward raises, the outputs of requests retired before it (aborted, refused) come
         with the next step instead of being lost.
         """
+        self.launch()
+        return self.finish()
+
+    def launch(self) -> None:
+        """The first half of `step`: admit, retire, and start one forward and sampling over the running
+        sequences (queued on the device on a GPU; done on return on the CPU). `finish` completes it.
+
+        Requests added and aborted before `finish` are seen by the next step; an aborted request's
+        token from this step is dropped.
+        """
+        if self._launched is not None:
+            raise RuntimeError("launch() called twice: finish() the launched step first")
         outputs, self._carried = self._carried + self._admit(), []
         outputs += self._retire([s for s in self._running if s.is_finished])
-        if not self._running:
-            return outputs
-        seqs = self._running
+        seqs = list(self._running)
+        if not seqs:
+            self._launched = _Launched(outputs, [], torch.empty(0, dtype=torch.int64), None)
+            return
         try:
             for seq in seqs:
                 self.kv.grow(seq.block_table, seq.length)
             batch = build_step_batch(seqs, self.kv.block_size, self.device)
             logits = self._forward(batch)  # [B, V]
             if all(s.request.temperature == 0 for s in seqs):
-                next_ids = greedy(logits).tolist()  # no per-row parameters to copy to the device
+                next_ids = greedy(logits)  # no per-row parameters to copy to the device
             else:
-                next_ids = sample(logits, self._sampling_batch(seqs)).tolist()
+                next_ids = sample(logits, self._sampling_batch(seqs))
+            host_ids, ready = self._to_host(next_ids)
+        except Exception:
+            self._carried = outputs
+            raise
+        self._launched = _Launched(outputs, seqs, host_ids, ready)
+
+    def finish(self) -> list[StepOutput]:
+        """The second half of `step`: wait for the launched step's tokens, check stops, retire the
+        finished sequences; what each request produced. [] when no step was launched."""
+        launched, self._launched = self._launched, None
+        if launched is None:
+            return []
+        outputs, seqs = launched.outputs, launched.seqs
+        if not seqs:
+            return outputs
+        try:
+            if launched.ready is not None:
+                launched.ready.synchronize()
+            next_ids = launched.host_ids[: len(seqs)].tolist()
         except Exception:
             self._carried = outputs
             raise
         for seq, token in zip(seqs, next_ids, strict=True):
+            if seq.is_finished:  # aborted while the step ran: its token is dropped
+                continue
             seq.num_cached = seq.length
             seq.output_ids.append(int(token))
             self._check_stop(seq)
-        finished = [s for s in seqs if s.is_finished]
+        finished = [s for s in seqs if s.is_finished and s.finish_reason != FinishReason.ABORTED]
         for seq in seqs:
             if not seq.is_finished:
                 outputs.append(StepOutput(seq.request_id, [seq.output_ids[-1]], False))
         outputs += self._retire(finished, with_last_token=True)
         return outputs
+
+    def _to_host(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Start copying the sampled ids [B] to the host; the event to wait on (None on the CPU)."""
+        if ids.device.type != "cuda":
+            return ids, None
+        if self._host_ids is None or self._host_ids.shape[0] < ids.shape[0]:
+            self._host_ids = torch.empty(
+                max(ids.shape[0], self.config.max_batch), dtype=ids.dtype, pin_memory=True
+            )
+        host = self._host_ids
+        host[: ids.shape[0]].copy_(ids, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return host, ready
 
     def _forward(self, batch: StepBatch) -> torch.Tensor:
         if self.graphs is not None and self.graphs.can_run(batch):

@@ -3,9 +3,11 @@
     Worker(config).run()
 
 Every turn of the loop: housekeeping (heartbeat, claim refresh, recovery of jobs left by dead workers,
-cancel and deadline checks), then admission (the scheduler's plan says which queues to read and how
-many jobs: resident adapters first), then one engine step whose outputs become streamed chunks and
-final replies. An idle worker blocks on the wake stream. SIGTERM drains: no more pulls, in-flight
+cancel and deadline checks), admission (the scheduler's plan says which queues to read and how many
+jobs: resident adapters first), and one engine step whose outputs become streamed chunks and final
+replies. While sequences run, the step is launched before the housekeeping and admission and finished
+after them, so that their Redis round trips overlap the GPU's work. An idle worker blocks on the
+wake stream. SIGTERM drains: no more pulls, in-flight
 jobs finish within the drain timeout, the rest are handed back for other workers to claim at once.
 """
 
@@ -19,7 +21,7 @@ import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import redis
 import structlog
@@ -168,6 +170,7 @@ class Worker:
         self._cancels_seen: Any = None  # the counter when the markers were last read
         self._next_cancel_poll = 0.0
         self._step_failures = 0  # engine steps failed in a row
+        self._step_started = 0.0  # perf_counter() at the launch of the step in flight
         # Numbers each start, so that a request id is never reused: a job handed back and claimed
         # again before the engine retired its old sequence must not be taken for it.
         self._starts = itertools.count()
@@ -213,15 +216,35 @@ class Worker:
         return 0
 
     def turn(self) -> bool:
-        """One loop turn: housekeeping, admission, one engine step (or a blocking wait). True if busy."""
+        """One loop turn: housekeeping, admission, one engine step (or a blocking wait). True if busy.
+
+        With sequences running, the step is launched first and finished last: housekeeping and
+        admission (Redis round trips) run on the host while the GPU computes the step. Jobs admitted
+        then join the next step.
+        """
         now = time.time()
-        self._housekeeping(now)
-        position = (
-            None if self.engine.has_unfinished() or self.draining else wake_position(self.redis, self.keys)
-        )
-        took = False if self.draining else self._admit(now)
-        if self.engine.has_unfinished():
-            self._step()
+        busy = self.engine.has_unfinished()
+        launched, failed = False, None
+        if busy:
+            try:
+                self._launch()
+                launched = True
+            except EngineBroken:
+                raise
+            except Exception as exc:  # housekeeping still runs (claims, cancels, drain), then it is raised
+                failed = exc
+        try:
+            self._housekeeping(now)
+            # (a job unparked by the housekeeping makes the engine busy: no blocking wait then)
+            idle = not self.engine.has_unfinished() and not self.draining
+            position = wake_position(self.redis, self.keys) if idle else None
+            took = False if self.draining else self._admit(now)
+        finally:
+            if launched:
+                self._finish_step()
+        if failed is not None:
+            raise failed
+        if busy or self.engine.has_unfinished():  # a step ran, or one is due next turn
             return True
         if self.parked:  # nothing to compute, adapters on their way: look again shortly
             time.sleep(0.01)
@@ -500,21 +523,22 @@ class Worker:
 
     # ----- the engine step -----
 
-    def _step(self) -> None:
-        started = time.perf_counter()
+    def _launch(self) -> None:
+        """Start an engine step (a failure is counted, see `_step_failed`, and raised)."""
+        self._step_started = time.perf_counter()
         try:
-            outputs = self.engine.step()
+            self.engine.launch()
         except Exception as exc:
-            self._step_failures += 1
-            if self._step_failures >= STEP_FAILURES_BEFORE_HAND_BACK:
-                self._step_failures = 0
-                self._hand_backs += 1
-                self._hand_back_running(time.time())
-                if self._hand_backs >= HAND_BACKS_BEFORE_EXIT:
-                    raise EngineBroken(f"{self._hand_backs} hand-backs without a token in between") from exc
-            raise
+            self._step_failed(exc)
+
+    def _finish_step(self) -> None:
+        """Wait for the launched step and turn its outputs into replies (sent in the background)."""
+        try:
+            outputs = self.engine.finish()
+        except Exception as exc:
+            self._step_failed(exc)
         self._step_failures = 0
-        self.metrics.step_seconds.observe(time.perf_counter() - started)
+        self.metrics.step_seconds.observe(time.perf_counter() - self._step_started)
         self.metrics.batch_size.observe(self.engine.num_running)
         now = time.time()
         tokens = 0
@@ -537,6 +561,18 @@ class Worker:
             self._hand_backs = 0
         self._tokens_window.append((now, tokens))
         self.metrics.tokens.inc(tokens)
+
+    def _step_failed(self, exc: Exception) -> NoReturn:
+        """Count a failed engine step; after several in a row hand the running jobs back, and after
+        several hand-backs without a token raise EngineBroken. Re-raises `exc` otherwise."""
+        self._step_failures += 1
+        if self._step_failures >= STEP_FAILURES_BEFORE_HAND_BACK:
+            self._step_failures = 0
+            self._hand_backs += 1
+            self._hand_back_running(time.time())
+            if self._hand_backs >= HAND_BACKS_BEFORE_EXIT:
+                raise EngineBroken(f"{self._hand_backs} hand-backs without a token in between") from exc
+        raise exc
 
     def _on_tokens(self, job: RunningJob, output: StepOutput, now: float) -> None:
         if not output.new_token_ids:
