@@ -23,7 +23,10 @@ class Metrics:
             "lorafleet_ttft_seconds", "enqueue to first token", buckets=_LATENCY, registry=r
         )
         self.step_seconds = Histogram(
-            "lorafleet_step_seconds", "engine step time", buckets=_LATENCY, registry=r
+            "lorafleet_step_seconds",
+            "engine step time, from its launch to its finish",
+            buckets=_LATENCY,
+            registry=r,
         )
         self.batch_size = Histogram(
             "lorafleet_batch_size",

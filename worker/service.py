@@ -6,9 +6,9 @@ Every turn of the loop: housekeeping (heartbeat, claim refresh, recovery of jobs
 cancel and deadline checks), admission (the scheduler's plan says which queues to read and how many
 jobs: resident adapters first), and one engine step whose outputs become streamed chunks and final
 replies. While sequences run, the step is launched before the housekeeping and admission and finished
-after them, so that their Redis round trips overlap the GPU's work. An idle worker blocks on the
-wake stream. SIGTERM drains: no more pulls, in-flight
-jobs finish within the drain timeout, the rest are handed back for other workers to claim at once.
+after them, so that their Redis round trips overlap the GPU's work. An idle worker blocks on the wake
+stream. SIGTERM drains: no more pulls, in-flight jobs finish within the drain timeout, the rest are
+handed back for other workers to claim at once.
 """
 
 from __future__ import annotations
