@@ -431,7 +431,7 @@ class Engine:
         host = self._host_ids
         host[: ids.shape[0]].copy_(ids, non_blocking=True)
         ready = torch.cuda.Event()
-        ready.record()
+        ready.record(torch.cuda.current_stream(ids.device))  # the engine's device, not the current one
         return host, ready
 
     def _forward(self, batch: StepBatch) -> torch.Tensor:
