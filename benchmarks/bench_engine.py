@@ -2,7 +2,8 @@
 
 For batch sizes 1..256 it measures the decode step time and tokens/s with
   (a) no adapters, (b) every sequence on one adapter, (c) N distinct rank-16 all-linear adapters,
-and, in the same run, the baselines: PEFT's mixed-adapter generate (`adapter_names=[...]`),
+(b) and (c) again with the LoRA pairs under programmatic dependent launch (rows *_pdl), and, in the
+same run, the baselines: PEFT's mixed-adapter generate (`adapter_names=[...]`),
 transformers' continuous batching (`generate_batch`, base model), and the weight-read roofline from
 the HBM bandwidth measured by a device-to-device copy.
 
@@ -141,18 +142,23 @@ def main() -> int:
     weights = {k: v for k, v in hf_model.state_dict().items()}  # shared with the HF model, no copy
     model = DecoderModel(config, weights, torch.device("cuda"), torch.bfloat16)
     max_batch = max(batches)
-    engine = Engine(
-        model,
-        EngineConfig(max_loras=max(adapter_counts), max_rank=RANK, max_batch=max_batch,
-                     kv_cache_tokens=max_batch * (PROMPT_LEN + args.steps + 8)),
-    )  # fmt: skip
-    lora_config = synthetic.adapter_config(rank=RANK, alpha=2 * RANK, targets=synthetic.ALL_TARGETS)
     names = [f"bench-{i}" for i in range(max(adapter_counts))]
-    for i, name in enumerate(names):
-        tensors = synthetic.adapter_tensors(
-            config, rank=RANK, targets=synthetic.ALL_TARGETS, dtype=torch.bfloat16, device="cuda", seed=i
-        )
-        engine.add_adapter(name, {k: v.cpu() for k, v in tensors.items()}, lora_config)
+
+    def build_engine(lora_pdl: bool) -> Engine:
+        engine = Engine(
+            model,
+            EngineConfig(max_loras=len(names), max_rank=RANK, max_batch=max_batch,
+                         kv_cache_tokens=max_batch * (PROMPT_LEN + args.steps + 8), lora_pdl=lora_pdl),
+        )  # fmt: skip
+        lora_config = synthetic.adapter_config(rank=RANK, alpha=2 * RANK, targets=synthetic.ALL_TARGETS)
+        for i, name in enumerate(names):
+            tensors = synthetic.adapter_tensors(
+                config, rank=RANK, targets=synthetic.ALL_TARGETS, dtype=torch.bfloat16, device="cuda", seed=i
+            )
+            engine.add_adapter(name, {k: v.cpu() for k, v in tensors.items()}, lora_config)
+        return engine
+
+    engine = build_engine(lora_pdl=False)
     adapter_bytes = engine._adapters[names[0]].nbytes
     bandwidth = hbm_bandwidth()
     weight_bytes = model.memory_bytes()
@@ -168,12 +174,24 @@ def main() -> int:
             "tokens_per_s": batch / seconds, "roofline_ms": roofline * 1e3, "x_roofline": seconds / roofline,
         })  # fmt: skip
 
-    for batch in batches:
-        record("a_base", batch, 0, decode_step_time(engine, batch, [None], args.steps))
-        record("b_one_adapter", batch, 1, decode_step_time(engine, batch, [names[0]], args.steps))
-        for n in adapter_counts:
-            if n <= batch:
-                record("c_distinct", batch, n, decode_step_time(engine, batch, list(names[:n]), args.steps))
+    def measure(engine: Engine, suffix: str, base: bool) -> None:
+        for batch in batches:
+            if base:
+                record("a_base", batch, 0, decode_step_time(engine, batch, [None], args.steps))
+            record(
+                f"b_one_adapter{suffix}", batch, 1, decode_step_time(engine, batch, [names[0]], args.steps)
+            )
+            for n in (n for n in adapter_counts if n <= batch):
+                seconds = decode_step_time(engine, batch, list(names[:n]), args.steps)
+                record(f"c_distinct{suffix}", batch, n, seconds)
+
+    measure(engine, "", base=True)
+    # (b) and (c) again with each LoRA pair under programmatic dependent launch (EngineConfig.lora_pdl):
+    # a second engine (its graphs are captured with PDL), built once the first one is freed.
+    del engine
+    torch.cuda.empty_cache()
+    measure(build_engine(lora_pdl=True), "_pdl", base=False)
+    torch.cuda.empty_cache()
 
     baseline_batch, baseline_adapters = 64, 64 if not args.quick else 8
     try:
@@ -228,7 +246,9 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     series: dict[str, list[tuple[int, float]]] = {}
     for row in rows:
         if "tokens_per_s" in row and row["case"].startswith(("a_", "b_", "c_")):
-            label = row["case"] if row["case"] != "c_distinct" else f"{row['adapters']} adapters"
+            label = row["case"]
+            if label.startswith("c_distinct"):
+                label = f"{row['adapters']} adapters" + (" (pdl)" if label.endswith("_pdl") else "")
             series.setdefault(label, []).append((row["batch"], row["tokens_per_s"]))
     for label, points in series.items():
         points.sort()

@@ -17,10 +17,15 @@ Columns (per call)
                             two bmm, scale and add (padded to R, as peers do); speedup = base_ms / ms
   x_read_once               decode, N = 1 batches only: ms / ms of one token on one adapter (the same kernels
                             reading that adapter once): what the extra tokens on that adapter cost
+  pdl_ms, pdl_gain,         the pair as lora_apply(pdl=True) runs it (programmatic dependent launch: expand
+  pdl_speedup               starts while shrink runs and loads its first block of B meanwhile); pdl_gain
+                            = ms / pdl_ms, pdl_speedup = base_ms / pdl_ms (and pdl_x_read_once,
+                            pdl_bit_exact: its out equals the plain pair's, in the JSON)
   copies_ms, copies_%hbm      two device-to-device copies (two kernels, as shrink + expand are) moving the
                             same bytes in the same way: what two kernels of that size reach on this GPU
 After the table, q/k/v at 8B sizes (tokens over adapters: 64/64, 64/1, 1/1; rank 16) as three launch
-pairs and as one grouped pair, the way the engine runs a fused q/k/v projection (JSON: qkv_groups).
+pairs and as one grouped pair, the way the engine runs a fused q/k/v projection, and that pair with
+PDL (JSON: qkv_groups).
 
 Each measurement rotates over enough copies of the batch (adapter weights, x and out per copy) that the
 bytes of one replay exceed 3x the L2 cache: every call reads them from HBM. The copies share the token
@@ -52,7 +57,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_results
 
-from lorafleet.kernels import LoraBatchMeta, lora_expand, lora_shrink
+from lorafleet.kernels import LoraBatchMeta, lora_apply, lora_expand, lora_shrink
 from lorafleet.kernels.testing import assign_slots, make_problem
 
 DEVICE = "cuda"
@@ -63,7 +68,8 @@ PROJECTIONS = {"q_o": (4096, 4096), "k_v": (4096, 1024), "gate_up": (4096, 14336
 HEADLINE = ("decode", "q_o", 64, 64, 16)  # kind, projection, tokens, adapters, rank
 COLUMNS = [
     "kind", "proj", "tokens", "adapters", "rank", "ms", "shrink_ms", "expand_ms", "meta_ms", "MB",
-    "GB/s", "%hbm", "copies_ms", "copies_%hbm", "base_ms", "speedup", "x_read_once",
+    "GB/s", "%hbm", "copies_ms", "copies_%hbm", "base_ms", "speedup", "x_read_once", "pdl_ms", "pdl_gain",
+    "pdl_speedup",
 ]  # fmt: skip
 
 
@@ -199,6 +205,13 @@ class Batch:
         """Shrink then expand: one multi-LoRA layer."""
         self.expand(self.shrink())
 
+    def apply_pdl(self) -> None:
+        """The same pair launched with programmatic dependent launch (`lora_apply(pdl=True)`)."""
+        lora_apply(
+            self.x, self.lora_a, self.lora_b, self.slots, self.ranks, self.scales, self.out,
+            meta=self.meta, pdl=True,
+        )  # fmt: skip
+
     def baseline(self) -> None:
         """The torch baseline's update of out."""
         torch_baseline(self.x, self.lora_a, self.lora_b, self.slots, self.scales, self.out)
@@ -253,10 +266,13 @@ def run_case(case: Case, seed: int, l2_bytes: int) -> dict[str, Any]:
     hs = [t.shrink() for t in batches]  # h buffers for expand alone
     err = check_against_baseline(batches[0])
     ms = graph_ms([t.both for t in batches])
+    pdl_ms = graph_ms([t.apply_pdl for t in batches])
     row: dict[str, Any] = asdict(case)
     row.update(
         copies=len(batches),
         ms=ms,
+        pdl_ms=pdl_ms,
+        pdl_gain=ms / pdl_ms,
         shrink_ms=graph_ms([t.shrink for t in batches]),
         expand_ms=graph_ms([partial(t.expand, h) for t, h in zip(batches, hs, strict=True)]),
         meta_ms=graph_ms([partial(LoraBatchMeta.build, t.slots, case.adapters) for t in batches]),
@@ -265,10 +281,24 @@ def run_case(case: Case, seed: int, l2_bytes: int) -> dict[str, Any]:
         bytes=per_call,
         MB=per_call / 1e6,
         max_abs_err_vs_baseline=err,
+        pdl_bit_exact=pdl_is_bit_exact(batches[0]),
     )
     row["GB/s"] = per_call / (ms / 1e3) / 1e9
     row["speedup"] = row["base_ms"] / ms
+    row["pdl_speedup"] = row["base_ms"] / pdl_ms
     return row
+
+
+def pdl_is_bit_exact(t: Batch) -> bool:
+    """Whether lora_apply(pdl=True) updates out exactly as shrink then expand do; out is left as it was."""
+    before = t.out.clone()
+    t.both()
+    plain = t.out.clone()
+    t.out.copy_(before)
+    t.apply_pdl()
+    same = torch.equal(t.out, plain)
+    t.out.copy_(before)
+    return same
 
 
 def check_against_baseline(t: Batch) -> float:
@@ -297,7 +327,9 @@ def run_qkv_groups(tokens: int, adapters: int, rank: int, l2_bytes: int) -> dict
     copies = max(1, min(MAX_COPIES, math.ceil(3 * l2_bytes / per_call)))
     slots = assign_slots(tokens, adapters, "distinct", seed=0).to(DEVICE)
     meta = LoraBatchMeta.build(slots, adapters)
-    separate, grouped = [], []
+    separate: list[Callable[[], None]] = []
+    grouped: list[Callable[[], None]] = []
+    grouped_pdl: list[Callable[[], None]] = []
     for c in range(copies):
         parts = [
             make_problem(1, adapters, d_in, w, ranks=rank, dtype=DTYPE, device=DEVICE, seed=3 * c + g)
@@ -316,16 +348,19 @@ def run_qkv_groups(tokens: int, adapters: int, rank: int, l2_bytes: int) -> dict
                 h = lora_shrink(x, p.lora_a, slots, p.slot_ranks, meta=meta)
                 lora_expand(h, p.lora_b, slots, p.slot_ranks, p.slot_scales, o, meta=meta)
 
-        def one(x=x, a=a, b=b, ranks=ranks, scales=scales, out=out) -> None:
-            h = lora_shrink(x, a, slots, ranks, meta=meta)
-            lora_expand(h, b, slots, ranks, scales, out, group_widths=list(QKV_WIDTHS), meta=meta)
+        def one(x=x, a=a, b=b, ranks=ranks, scales=scales, out=out, pdl=False) -> None:
+            widths = list(QKV_WIDTHS)
+            lora_apply(x, a, b, slots, ranks, scales, out, group_widths=widths, meta=meta, pdl=pdl)
 
         separate.append(three)
         grouped.append(one)
+        grouped_pdl.append(partial(one, pdl=True))
     row = {"tokens": tokens, "adapters": adapters, "rank": rank, "bytes": per_call, "copies": copies}
     row["separate_ms"] = graph_ms(separate)
     row["grouped_ms"] = graph_ms(grouped)
     row["speedup"] = row["separate_ms"] / row["grouped_ms"]
+    row["grouped_pdl_ms"] = graph_ms(grouped_pdl)
+    row["pdl_gain"] = row["grouped_ms"] / row["grouped_pdl_ms"]
     return row
 
 
@@ -335,13 +370,14 @@ def run_qkv_groups(tokens: int, adapters: int, rank: int, l2_bytes: int) -> dict
 
 def add_derived(rows: list[dict[str, Any]], hbm: float) -> None:
     """%hbm for every row; x_read_once for one-adapter rows that have a one-token row to compare."""
-    one_token = {(r["proj"], r["rank"]): r["ms"] for r in rows if r["tokens"] == 1 and r["adapters"] == 1}
+    one_token = {(r["proj"], r["rank"]): r for r in rows if r["tokens"] == 1 and r["adapters"] == 1}
     for row in rows:
         row["%hbm"] = 100 * row["GB/s"] * 1e9 / hbm
         row["copies_%hbm"] = 100 * row["bytes"] / (row["copies_ms"] / 1e3) / hbm
         ref = one_token.get((row["proj"], row["rank"]))
         if row["kind"] == "decode" and row["adapters"] == 1 and ref:
-            row["x_read_once"] = row["ms"] / ref
+            row["x_read_once"] = row["ms"] / ref["ms"]
+            row["pdl_x_read_once"] = row["pdl_ms"] / ref["pdl_ms"]
 
 
 def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -359,9 +395,13 @@ def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "speedup >= 3 over the torch baseline (same point)", head["speedup"], head["speedup"] >= 3
             )
         )
+        value = head["pdl_speedup"]
+        checks.append(_target("the same with programmatic dependent launch (pdl=True)", value, value >= 3))
     if same is not None and same.get("x_read_once") is not None:
         value = same["x_read_once"]
         checks.append(_target("64 tokens on one adapter <= 1.2x one token on it", value, value <= 1.2))
+        value = same["pdl_x_read_once"]
+        checks.append(_target("the same with programmatic dependent launch (pdl=True)", value, value <= 1.2))
     return checks
 
 
@@ -392,8 +432,11 @@ def main(argv: list[str] | None = None) -> int:
     qkv = [run_qkv_groups(t, n, 16, l2_bytes) for t, n in QKV_POINTS]
     for row in qkv:
         row["%hbm"] = 100 * row["bytes"] / (row["grouped_ms"] / 1e3) / hbm
-    print("\nq, k and v (Llama-3-8B, rank 16): three launch pairs vs one grouped pair")
-    print_table(qkv, ["tokens", "adapters", "separate_ms", "grouped_ms", "speedup", "%hbm"])
+    print("\nq, k and v (Llama-3-8B, rank 16): three launch pairs vs one grouped pair (and with PDL)")
+    print_table(
+        qkv,
+        ["tokens", "adapters", "separate_ms", "grouped_ms", "speedup", "%hbm", "grouped_pdl_ms", "pdl_gain"],
+    )
     targets = check_targets(rows)
     for check in targets:
         print(f"{'PASS' if check['ok'] else 'MISS'}  {check['target']}: {check['value']:.3g}")

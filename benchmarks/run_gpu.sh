@@ -65,9 +65,9 @@ step() {  # step SECONDS NAME COMMAND...: runs unless steps were named and NAME 
 step 150 gpu-tests "$py" -m pytest -q -m gpu -p no:cacheprovider -o addopts="--strict-markers -ra" \
     tests/test_kernels.py tests/test_layer_kernels.py tests/test_paged_attention.py tests/test_kernels_compile.py \
     tests/test_engine_gpu.py tests/test_synthetic.py
-step 90 bench_kernels "$py" benchmarks/bench_kernels.py $quick
+step 120 bench_kernels "$py" benchmarks/bench_kernels.py $quick
 step 60 bench_attention "$py" benchmarks/bench_attention.py $quick
-step 150 bench_engine "$py" benchmarks/bench_engine.py $quick
+step 210 bench_engine "$py" benchmarks/bench_engine.py $quick
 step 90 bench_adapters "$py" benchmarks/bench_adapters.py --repeat 1
 step 150 bench_worker_overhead "$py" benchmarks/bench_worker_overhead.py --device cuda --size llama-3-1b $quick
 step 180 sweep_kernels "$py" benchmarks/sweep_kernels.py --limit 120

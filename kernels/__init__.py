@@ -4,6 +4,8 @@
     h = lora_shrink(x, lora_a, token_slots, slot_ranks, meta=meta)            # [T, R] fp32
     lora_expand(h, lora_b, token_slots, slot_ranks, slot_scales, out, meta=meta)  # out += ...
 
+    lora_apply(x, lora_a, lora_b, token_slots, slot_ranks, slot_scales, out, meta=meta, pdl=True)  # both
+
 Projections that share their input (q, k and v) run as one launch pair: A stacked [S, G*R, d_in], B
 stacked [S, sum of d_out, R], ranks and scales [G, S], and `group_widths=` (each d_out) for expand.
 
@@ -14,7 +16,8 @@ CUDA tensors run the Triton kernels, CPU tensors the torch reference (or the Tri
 interpreter with backend="triton" or TRITON_INTERPRET=1). Importing this package does not need Triton.
 """
 
-from lorafleet.kernels._triton import HAS_TRITON
+from lorafleet.kernels._triton import HAS_TRITON, pdl_supported
+from lorafleet.kernels.apply import lora_apply
 from lorafleet.kernels.attention import paged_attention, paged_attention_ref
 from lorafleet.kernels.expand import lora_expand
 from lorafleet.kernels.meta import LoraBatchMeta, block_m_for, expand_block_m_for, make_batch_meta
@@ -30,6 +33,7 @@ __all__ = [
     "apply_rotary_ref",
     "block_m_for",
     "expand_block_m_for",
+    "lora_apply",
     "lora_expand",
     "lora_expand_ref",
     "lora_shrink",
@@ -37,6 +41,7 @@ __all__ = [
     "make_batch_meta",
     "paged_attention",
     "paged_attention_ref",
+    "pdl_supported",
     "rms_norm",
     "rms_norm_ref",
 ]

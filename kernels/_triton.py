@@ -42,7 +42,27 @@ except ImportError:  # pragma: no cover - exercised in a subprocess by the tests
     tl = _LanguageStandIn()
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "interpret_requested", "runnable_kernel", "tl", "triton", "use_triton"]
+try:  # grid dependency control (programmatic dependent launch), Triton >= 3.3
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    HAS_GDC = True
+except ImportError:  # pragma: no cover - an older Triton, or none
+    gdc_launch_dependents = gdc_wait = None
+    HAS_GDC = False
+
+__all__ = [
+    "HAS_GDC",
+    "HAS_TRITON",
+    "gdc_launch_dependents",
+    "gdc_wait",
+    "interpret_requested",
+    "launch_options",
+    "pdl_supported",
+    "runnable_kernel",
+    "tl",
+    "triton",
+    "use_triton",
+]
 
 _BACKENDS = ("auto", "triton", "torch")
 
@@ -78,6 +98,25 @@ def use_triton(device: torch.device, backend: str, dtype: torch.dtype | None = N
             )
         return False
     return wanted
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """Whether compiled kernels on `device` can use programmatic dependent launch: a CUDA device of
+    compute capability 9.0 or later (Hopper), and a Triton with grid dependency control."""
+    if not HAS_GDC or device.type != "cuda":
+        return False
+    return _capability(torch.cuda.current_device() if device.index is None else device.index)[0] >= 9
+
+
+def launch_options(pdl: bool) -> dict[str, Any]:
+    """Extra launch keywords: programmatic dependent launch when `pdl` (only passed when set, so that
+    the interpreter, which knows no such option, never sees it)."""
+    return {"launch_pdl": True} if pdl else {}
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def runnable_kernel(kernel: Any, device: torch.device) -> Any:

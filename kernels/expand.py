@@ -17,6 +17,13 @@ Groups. Projections whose outputs are column slices of one wider output (q, k an
 GEMM) can run as one launch: their B matrices stacked by rows per slot ([S, d_q + d_k + d_v, R]), h
 from a grouped shrink ([T, G * R]), ranks and scales as [G, S]. The column-tile axis of the grid covers
 the groups one after the other; a program finds its group from its tile index (up to three groups).
+
+Programmatic dependent launch (pdl=True, right after a pdl=True shrink; compute capability 9.0+). The
+kernel is launched while the shrink still runs: each program reads the tile map, its slot's rank and
+scale, and its first [16, BLOCK_N] block of B (weights, written long before), then waits for the
+shrink (griddepcontrol.wait) before it reads h and out. The weight loads and the kernel's start-up
+then overlap the shrink instead of following it. The sum runs in the same order, so the result is
+the same bit for bit.
 """
 
 from collections.abc import Sequence
@@ -32,7 +39,15 @@ from lorafleet.kernels._checks import (
     check_slot_values,
     check_tensor,
 )
-from lorafleet.kernels._triton import runnable_kernel, tl, triton, use_triton
+from lorafleet.kernels._triton import (
+    gdc_wait,
+    launch_options,
+    pdl_supported,
+    runnable_kernel,
+    tl,
+    triton,
+    use_triton,
+)
 from lorafleet.kernels.meta import LoraBatchMeta
 from lorafleet.kernels.reference import lora_expand_ref
 
@@ -66,6 +81,8 @@ def _lora_expand_kernel(  # type: ignore[no-untyped-def]
     BLOCK_R: tl.constexpr,  # rank columns per step
     PRELOAD_OUT: tl.constexpr,  # load out's rows before the rank loop (their latency overlaps B's)
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs
+    PREFETCH_B: tl.constexpr,  # load B's first rank block first, before GDC's wait (pdl=True)
+    GDC: tl.constexpr,  # launched with programmatic dependent launch right after a GDC shrink
 ):
     tile = tl.program_id(0)
     n_tile = tl.program_id(1)
@@ -95,10 +112,25 @@ def _lora_expand_kernel(  # type: ignore[no-untyped-def]
     r_base = tl.arange(0, BLOCK_R)
     out_ptrs = out_ptr + tokens[:, None] * stride_out_token + n_offs[None, :]
     out_mask = row_mask[:, None] & n_mask[None, :]
+    r_start = 0
+    if PREFETCH_B:
+        # With GDC, everything read so far (the tile map, ranks, scales) and B were written before the
+        # shrink just ahead of this kernel started, so they can be read while it still runs; h (its
+        # output) and out only after the wait. [BLOCK_R, BLOCK_N]: rank columns 0..BLOCK_R of B.
+        b_first = tl.load(
+            b_rows[None, :] + r_base[:, None], mask=(r_base < rank)[:, None] & n_mask[None, :], other=0.0
+        )
+        r_start = BLOCK_R
+    if GDC:
+        gdc_wait()
     if PRELOAD_OUT:
         old = tl.load(out_ptrs, mask=out_mask, other=0.0)
     acc = tl.full((DOT_M, BLOCK_N), 0.0, tl.float32)
-    for r0 in range(0, rank, BLOCK_R):
+    if PREFETCH_B:  # the loop's first step, on the prefetched block
+        h_mask = row_mask[:, None] & (r_base < rank)[None, :]
+        h_blk = tl.load(h_rows[:, None] + r_base[None, :], mask=h_mask, other=0.0)
+        acc = tl.dot(h_blk.to(b_first.dtype), b_first, acc, input_precision=DOT_PRECISION)
+    for r0 in range(r_start, rank, BLOCK_R):
         r = r0 + r_base
         r_mask = r < rank
         h_blk = tl.load(h_rows[:, None] + r[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0)
@@ -151,6 +183,7 @@ def lora_expand(
     meta: LoraBatchMeta | None = None,
     backend: str = "auto",
     debug: bool = False,
+    pdl: bool = False,
 ) -> None:
     """Multi-LoRA expand, in place: out[t] += scale[s] * h[t, :r] @ lora_b[s, :, :r].T.
 
@@ -165,9 +198,19 @@ def lora_expand(
     rows are cut into G consecutive blocks of `group_widths` (summing to d_out), and block g gets
     scale[g, s] * h[t, g*R : g*R + r] @ lora_b[s, block g, :r].T with r = slot_ranks[g, s]. That is G
     expands side by side, bit for bit.
+
+    pdl=True is for the launch right after `lora_shrink(..., pdl=True)` on the same stream (as
+    `lora_apply` does): on a GPU of compute capability 9.0+ the kernel then starts while that shrink
+    runs, and reads the tile map, ranks, scales and its first block of lora_b before waiting for the
+    shrink to finish (the shrink starts it only once every kernel before the shrink has finished). After
+    any other kernel those early reads could race with it. Elsewhere the kernel runs as usual, with the
+    same result bit for bit.
     """
     device, widths = _check_expand_args(h, lora_b, token_slots, slot_ranks, slot_scales, out, group_widths)
     check_flag("debug", debug)
+    check_flag("pdl", pdl)
+    if pdl and meta is None:
+        raise ValueError("pdl=True needs meta=: the LoraBatchMeta built before the shrink it follows")
     num_slots, max_rank = lora_b.shape[0], lora_b.shape[2]
     if meta is not None:
         check_meta(meta, h.shape[0], num_slots, device)
@@ -186,6 +229,7 @@ def lora_expand(
     padded_widths = [*widths, 0, 0][:MAX_GROUPS]
     padded_tiles = [*n_tiles, 0][:2]
     grid = (meta.num_expand_tiles, sum(n_tiles))
+    gdc = pdl and pdl_supported(device)
     runnable_kernel(_lora_expand_kernel, device)[grid](
         h,
         lora_b,
@@ -208,8 +252,11 @@ def lora_expand(
         BLOCK_R=16,
         PRELOAD_OUT=cfg.preload_out,
         DOT_PRECISION="ieee" if out.dtype == torch.float32 else "tf32",
+        PREFETCH_B=pdl,
+        GDC=gdc,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        **launch_options(gdc),
     )
 
 

@@ -17,6 +17,10 @@ Two variants, fixed by the tile height (`LoraBatchMeta.block_m`, chosen from T):
 Groups. Projections that read the same input (q, k and v) can run as one launch: their A matrices
 stacked by rows per slot ([S, G * R, d_in]) and their ranks as [G, S]. The rank-tile axis of the grid
 then covers every group, and each program reads its group's rank; h holds the groups side by side.
+
+Programmatic dependent launch (pdl=True): every program first waits for the kernel before it, then
+lets the next kernel (a pdl=True expand) start, so that everything the expand reads early was
+written before this shrink started.
 """
 
 from dataclasses import dataclass
@@ -32,11 +36,20 @@ from lorafleet.kernels._checks import (
     check_tensor,
     next_power_of_2,
 )
-from lorafleet.kernels._triton import runnable_kernel, tl, triton, use_triton
+from lorafleet.kernels._triton import (
+    gdc_launch_dependents,
+    gdc_wait,
+    launch_options,
+    pdl_supported,
+    runnable_kernel,
+    tl,
+    triton,
+    use_triton,
+)
 from lorafleet.kernels.meta import LoraBatchMeta
 from lorafleet.kernels.reference import lora_shrink_ref
 
-__all__ = ["lora_shrink"]
+__all__ = ["check_shrink_args", "lora_shrink"]
 
 
 # Triton types the arguments at launch (pointers, ints, constexprs); they carry no Python annotations.
@@ -61,7 +74,14 @@ def _lora_shrink_kernel(  # type: ignore[no-untyped-def]
     BLOCK_K: tl.constexpr,  # d_in columns per step
     USE_DOT: tl.constexpr,  # tl.dot (prefill) or multiply-reduce (decode)
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs
+    GDC: tl.constexpr,  # launched with programmatic dependent launch (see lora_apply)
 ):
+    if GDC:
+        # Read nothing before the kernel before this one has finished (it may have written any of our
+        # inputs, the tile map included), then let the next kernel (expand) start: every program of
+        # the next kernel then runs after everything before this one is done.
+        gdc_wait()
+        gdc_launch_dependents()
     tile = tl.program_id(0)
     group = tl.program_id(1) // tiles_per_group
     rank_tile = tl.program_id(1) - group * tiles_per_group  # within the group
@@ -140,6 +160,7 @@ def lora_shrink(
     meta: LoraBatchMeta | None = None,
     backend: str = "auto",
     debug: bool = False,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """Multi-LoRA shrink: h [T, R] fp32, h[t, :r] = x[t] @ lora_a[s, :r].T.
 
@@ -160,9 +181,15 @@ def lora_shrink(
     argument). The value ranges of token_slots and slot_ranks are checked on CPU, and on CUDA only with
     debug=True, because reading them there is a host sync (which would also break CUDA-graph capture).
     Unchecked on CUDA, an out-of-range slot is treated as -1 and a rank is clamped to [0, R].
+
+    pdl=True launches the kernel with programmatic dependent launch where the GPU supports it (compute
+    capability 9.0+): it may start while the kernel before it drains, waits for it before reading
+    anything, and then lets the next kernel start early (an expand launched with pdl=True, which loads
+    its weights meanwhile; see `lora_apply`). Elsewhere it changes nothing. Safe after any kernel.
     """
-    device, groups = _check_shrink_args(x, lora_a, token_slots, slot_ranks)
+    device, groups = check_shrink_args(x, lora_a, token_slots, slot_ranks)
     check_flag("debug", debug)
+    check_flag("pdl", pdl)
     num_slots, max_rank = lora_a.shape[0], lora_a.shape[1] // groups  # R per group
     if meta is not None:
         check_meta(meta, x.shape[0], num_slots, device)
@@ -179,6 +206,7 @@ def lora_shrink(
     cfg = _shrink_config(max_rank, meta.block_m, x.dtype)
     tiles_per_group = triton.cdiv(max_rank, cfg.block_r)
     grid = (meta.num_tiles, groups * tiles_per_group)
+    gdc = pdl and pdl_supported(device)
     runnable_kernel(_lora_shrink_kernel, device)[grid](
         x,
         lora_a,
@@ -199,16 +227,19 @@ def lora_shrink(
         BLOCK_K=cfg.block_k,
         USE_DOT=cfg.use_dot,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        GDC=gdc,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        **launch_options(gdc),
     )
     return h
 
 
-def _check_shrink_args(
+def check_shrink_args(
     x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor, slot_ranks: torch.Tensor
 ) -> tuple[torch.device, int]:
-    """The device, and G (1 without groups)."""
+    """Check lora_shrink's arguments (TypeError / ValueError naming the argument); the device, and G
+    (1 without groups)."""
     check_tensor("x", x, dtypes=FLOAT_DTYPES, shape=(None, None), strided_rows=True)
     device = x.device
     num_tokens, d_in = x.shape

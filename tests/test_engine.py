@@ -117,16 +117,19 @@ def test_mixed_batch_matches_peft_one_request_at_a_time(models, arch):
 
 
 @pytest.mark.slow
-def test_the_triton_kernels_give_the_reference_path_results(models, monkeypatch):
+@pytest.mark.parametrize("lora_pdl", [False, True])
+def test_the_triton_kernels_give_the_reference_path_results(models, monkeypatch, lora_pdl):
     """The same mixed batch with every kernel under Triton's interpreter (TRITON_INTERPRET=1: grouped
     q/k/v and gate/up LoRA launches, paged attention, norms, rotary) and on the torch references:
-    the same tokens, logits equal to fp32 rounding."""
+    the same tokens, logits equal to fp32 rounding. With lora_pdl, the LoRA pairs run as on a GPU with
+    programmatic dependent launch (expand's first block of B loaded first), less the GPU instructions."""
     require_interpreter()
     model_dir, adapters = models["llama"]
     names = [None, "all-r4", "qv-r8", "mlp-r16", "ko-r2"]
 
     def run():
-        engine = _engine(model_dir, adapters)
+        engine = _engine(model_dir, adapters, lora_pdl=lora_pdl)
+        assert engine.model.lora_pdl is lora_pdl
         logits = _record_logits(engine)
         requests = [
             GenerationRequest(prompt_ids=[5 + i, 6, 7 * i + 1], adapter=name, max_new_tokens=3,

@@ -79,3 +79,16 @@ def test_steps_without_adapters_replay_the_graphs_without_lora_and_match(model_a
     mixed = [o.token_ids for o in engine.generate(_requests())]
     assert sum(n for (_, lora), n in replays.items() if lora) > 0
     assert mixed == _run(model_dir, adapters, "cpu")[0]
+
+
+def test_lora_pairs_with_programmatic_dependent_launch_give_the_same_tokens(model_and_adapters):
+    """EngineConfig.lora_pdl (programmatic dependent launch on compute capability 9.0+; elsewhere the
+    same kernels without it): the tokens of the engine without it, eager and replayed from graphs."""
+    model_dir, adapters = model_and_adapters
+    plain, _ = _run(model_dir, adapters, "cuda")
+    eager, _ = _run(model_dir, adapters, "cuda", cuda_graphs=False, lora_pdl=True)
+    graphed, engine = _run(model_dir, adapters, "cuda", lora_pdl=True)
+    assert engine.graphs is not None
+    assert sum(n for (_, lora), n in engine.graphs.replays.items() if lora) > 0
+    assert eager == plain
+    assert graphed == plain

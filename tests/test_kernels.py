@@ -30,11 +30,13 @@ from lorafleet.kernels import (
     LoraBatchMeta,
     block_m_for,
     expand_block_m_for,
+    lora_apply,
     lora_expand,
     lora_expand_ref,
     lora_shrink,
     lora_shrink_ref,
     make_batch_meta,
+    pdl_supported,
 )
 from lorafleet.kernels.testing import LoraProblem, assign_slots, make_problem, make_ranks
 
@@ -818,17 +820,24 @@ def grouped_problem(
     return problems
 
 
+def stack_groups(
+    problems: list[LoraProblem],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """The groups' weights stacked for one launch pair: lora_a [S, G * R, d_in], lora_b [S, sum of
+    widths, R], ranks and scales [G, S], a fresh out [T, sum of widths], and the widths."""
+    lora_a = torch.cat([p.lora_a for p in problems], dim=1)
+    lora_b = torch.cat([p.lora_b for p in problems], dim=1)
+    ranks = torch.stack([p.slot_ranks for p in problems])
+    scales = torch.stack([p.slot_scales for p in problems])
+    out_init = torch.cat([p.new_out(seed=g) for g, p in enumerate(problems)], dim=1)
+    return lora_a, lora_b, ranks, scales, out_init, [p.lora_b.shape[1] for p in problems]
+
+
 def check_groups_equal_separate_launches(problems: list[LoraProblem], backend: str) -> None:
     """One grouped shrink + expand over the stacked groups == one launch pair per group, bit for bit."""
     first = problems[0]
-    x, slots = first.x, first.token_slots
-    widths = [p.lora_b.shape[1] for p in problems]
-    max_rank = first.max_rank
-    lora_a = torch.cat([p.lora_a for p in problems], dim=1)  # [S, G * R, d_in]
-    lora_b = torch.cat([p.lora_b for p in problems], dim=1)  # [S, sum(widths), R]
-    ranks = torch.stack([p.slot_ranks for p in problems])  # [G, S]
-    scales = torch.stack([p.slot_scales for p in problems])
-    out_init = torch.cat([p.new_out(seed=g) for g, p in enumerate(problems)], dim=1)  # [T, sum(widths)]
+    x, slots, max_rank = first.x, first.token_slots, first.max_rank
+    lora_a, lora_b, ranks, scales, out_init, widths = stack_groups(problems)
     meta = LoraBatchMeta.build(slots, first.num_slots)
 
     h = lora_shrink(x, lora_a, slots, ranks, meta=meta, backend=backend)
@@ -877,3 +886,149 @@ def test_gpu_qkv_groups_equal_separate_launches(num_tokens):
         device="cuda", seed=5,
     )  # fmt: skip
     check_groups_equal_separate_launches(problems, "auto")
+
+
+# ------------------------------------------------------------------------------------------------
+# lora_apply: the shrink-expand pair in one call, and programmatic dependent launch (pdl=True)
+
+
+def check_apply_equals_the_two_ops(
+    p: LoraProblem, backend: str, *, pdl: bool, meta: LoraBatchMeta | None = None
+) -> torch.Tensor:
+    """lora_apply == lora_shrink then lora_expand, bit for bit; returns lora_apply's out."""
+    ops_meta = meta if meta is not None else LoraBatchMeta.build(p.token_slots, p.num_slots)
+    h = lora_shrink(p.x, p.lora_a, p.token_slots, p.slot_ranks, meta=ops_meta, backend=backend)
+    expected = p.new_out()
+    lora_expand(
+        h, p.lora_b, p.token_slots, p.slot_ranks, p.slot_scales, expected, meta=ops_meta, backend=backend
+    )
+    out = p.new_out()
+    lora_apply(
+        p.x, p.lora_a, p.lora_b, p.token_slots, p.slot_ranks, p.slot_scales, out,
+        meta=meta, backend=backend, pdl=pdl,
+    )  # fmt: skip
+    assert torch.equal(out, expected)
+    return out
+
+
+# (tokens, ranks, max rank, dtype, tile height): ranks past 16 take expand's rank loop after the block
+# that pdl=True loads first; 133 tokens and block_m=16 take the tl.dot variants
+APPLY_CASES = [
+    (1, 1, 16, torch.float32, None),
+    (7, "mixed", 64, torch.float16, None),
+    (64, 16, 16, torch.float16, None),
+    (70, "mixed", 256, torch.float16, 4),
+    (70, "mixed", 32, torch.float32, 16),
+    (133, "mixed", 64, torch.float32, None),
+]
+
+
+@pytest.mark.usefixtures("interpreter")
+@pytest.mark.parametrize("pdl", [False, True])
+@pytest.mark.parametrize(("num_tokens", "ranks", "max_rank", "dtype", "block_m"), APPLY_CASES)
+def test_apply_is_shrink_then_expand_in_the_kernels(num_tokens, ranks, max_rank, dtype, block_m, pdl):
+    p = make_problem(
+        num_tokens, 5, 37, 71, ranks=ranks, max_rank=max_rank, popularity="zipf",
+        no_adapter_fraction=0.2, dtype=dtype, seed=num_tokens,
+    )  # fmt: skip
+    meta = None if block_m is None else LoraBatchMeta.build(p.token_slots, p.num_slots, block_m=block_m)
+    out = check_apply_equals_the_two_ops(p, "triton", pdl=pdl, meta=meta)
+    h_ref = lora_shrink_ref(p.x, p.lora_a, p.token_slots, p.slot_ranks)
+    check_against_reference(p, h_ref, out)
+
+
+@pytest.mark.parametrize("pdl", [False, True])
+def test_apply_is_shrink_then_expand_on_the_reference(pdl):
+    p = make_problem(9, 4, 33, 20, ranks="mixed", max_rank=16, no_adapter_fraction=0.3, seed=3)
+    check_apply_equals_the_two_ops(p, "torch", pdl=pdl)
+
+
+@pytest.mark.usefixtures("interpreter")
+def test_apply_groups_with_pdl_equal_grouped_ops():
+    problems = grouped_problem(
+        7, (40, 24, 24), d_in=29, num_slots=6, max_rank=32, dtype=torch.float32, seed=6
+    )
+    first = problems[0]
+    lora_a, lora_b, ranks, scales, out_init, widths = stack_groups(problems)
+    meta = LoraBatchMeta.build(first.token_slots, first.num_slots)
+    h = lora_shrink(first.x, lora_a, first.token_slots, ranks, meta=meta, backend="triton")
+    expected = out_init.clone()
+    lora_expand(
+        h,
+        lora_b,
+        first.token_slots,
+        ranks,
+        scales,
+        expected,
+        group_widths=widths,
+        meta=meta,
+        backend="triton",
+    )
+    out = out_init.clone()
+    lora_apply(
+        first.x, lora_a, lora_b, first.token_slots, ranks, scales, out, group_widths=widths,
+        backend="triton", pdl=True,
+    )  # fmt: skip
+    assert torch.equal(out, expected)
+
+
+def test_apply_and_pdl_errors():
+    p = make_problem(4, 2, 8, 8, ranks=4, seed=1)
+    meta = LoraBatchMeta.build(p.token_slots, p.num_slots)
+    h = lora_shrink(p.x, p.lora_a, p.token_slots, p.slot_ranks)
+    with pytest.raises(ValueError, match=r"^pdl=True needs meta="):
+        lora_expand(h, p.lora_b, p.token_slots, p.slot_ranks, p.slot_scales, p.new_out(), pdl=True)
+    with pytest.raises(TypeError, match=r"^pdl must be a bool"):
+        lora_shrink(p.x, p.lora_a, p.token_slots, p.slot_ranks, meta=meta, pdl=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^lora_a"):  # checked before any metadata is built
+        lora_apply(p.x, p.lora_a[:, :, :4], p.lora_b, p.token_slots, p.slot_ranks, p.slot_scales, p.new_out())
+    with pytest.raises(TypeError, match=r"^token_slots"):
+        lora_apply(p.x, p.lora_a, p.lora_b, p.token_slots.long(), p.slot_ranks, p.slot_scales, p.new_out())
+    assert pdl_supported(torch.device("cpu")) is False
+
+
+@pytest.mark.parametrize("num_tokens", [1, 64, 2048])
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_pdl_pairs_are_bit_exact_eager_and_in_a_cuda_graph(num_tokens):
+    """Four lora_apply(pdl=True) pairs in a chain (each pair's out is the next pair's x), at Llama-3-8B
+    q sizes, after torch kernels that write their inputs: eager and replayed from a CUDA graph, they
+    give exactly what the pairs without PDL give. A read on the wrong side of a grid-dependency wait
+    (x or out before the kernel writing it finished) would show here as a difference."""
+    num_slots, depth = 32, 4
+    p = make_problem(
+        num_tokens, num_slots, 4096, 4096, ranks="mixed", max_rank=64, popularity="zipf",
+        no_adapter_fraction=0.1, dtype=torch.bfloat16, device="cuda", seed=7,
+    )  # fmt: skip
+    slots = p.token_slots.clone()  # static input of the graph
+    x_init = p.x.clone()
+
+    def chain(pdl: bool) -> list[torch.Tensor]:
+        meta = LoraBatchMeta.build(slots, num_slots)
+        x, outs = x_init * 1, []  # x written by a kernel right before the first pair
+        for _ in range(depth):
+            out = x * 0.5  # out, too, written by the kernel just before the pair
+            lora_apply(x, p.lora_a, p.lora_b, slots, p.slot_ranks, p.slot_scales, out, meta=meta, pdl=pdl)
+            outs.append(out)
+            x = out
+        return outs
+
+    expected = chain(False)
+    assert all(torch.equal(a, b) for a, b in zip(chain(True), expected, strict=True))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        chain(True)  # compile and warm up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed = chain(True)
+    for seed, popularity in enumerate(["distinct", "identical", "zipf"]):
+        slots.copy_(
+            assign_slots(num_tokens, num_slots, popularity, no_adapter_fraction=0.1, seed=seed).cuda()
+        )
+        graph.replay()
+        expected = chain(False)
+        torch.cuda.synchronize()
+        for a, b in zip(graphed, expected, strict=True):
+            assert torch.equal(a, b)

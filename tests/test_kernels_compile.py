@@ -30,7 +30,7 @@ _POINTER_TYPES = {
     torch.float32: "*fp32",
     torch.int32: "*i32",
 }
-_LAUNCH_OPTIONS = ("num_warps", "num_stages")
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "launch_pdl")
 
 
 class _Launch:
@@ -64,8 +64,9 @@ def _record(monkeypatch: pytest.MonkeyPatch, module: str, call: Any) -> _Launch:
     return launch
 
 
-def _compile_sm90(launch: _Launch, dtype: torch.dtype) -> str:
-    """Compile the recorded launch for sm_90 with `dtype` for the float tensors; cuobjdump's usage line."""
+def _compile_sm90(launch: _Launch, dtype: torch.dtype) -> tuple[str, str]:
+    """Compile the recorded launch for sm_90 with `dtype` for the float tensors: cuobjdump's usage line,
+    and the PTX."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -83,7 +84,7 @@ def _compile_sm90(launch: _Launch, dtype: torch.dtype) -> str:
     if dtype == torch.float32:
         constexprs["DOT_PRECISION"] = "ieee"
     signature.update({name: "constexpr" for name in constexprs})
-    options = {k: launch.kwargs[k] for k in _LAUNCH_OPTIONS}
+    options = {k: launch.kwargs[k] for k in _LAUNCH_OPTIONS if k in launch.kwargs}
     compiled = triton.compile(
         ASTSource(fn=fn, signature=signature, constexprs=constexprs),
         target=GPUTarget("cuda", 90, 32),
@@ -96,7 +97,7 @@ def _compile_sm90(launch: _Launch, dtype: torch.dtype) -> str:
         usage = subprocess.run(
             [cuobjdump, "-res-usage", cubin.name], capture_output=True, text=True, check=True
         )
-    return next(line.strip() for line in usage.stdout.splitlines() if "REG:" in line)
+    return next(line.strip() for line in usage.stdout.splitlines() if "REG:" in line), compiled.asm["ptx"]
 
 
 # (tokens, max rank, dtype): tokens pick the kernel variant (4-row multiply-reduce, 16- and 64-row dot)
@@ -109,11 +110,7 @@ CASES = [
 
 @pytest.mark.parametrize(("num_tokens", "max_rank", "dtype"), CASES)
 def test_kernels_compile_for_sm90_without_spills(monkeypatch, num_tokens, max_rank, dtype):
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.backends.nvidia import compiler  # noqa: F401
-    except ImportError as exc:
-        pytest.skip(f"this triton cannot compile for NVIDIA GPUs: {exc}")
+    _skip_without_nvidia_compiler()
     # fp16 on CPU (the interpreter refuses bf16); the compiled signature gets the requested dtype
     cpu_dtype = torch.float32 if dtype == torch.float32 else torch.float16
     p = make_problem(
@@ -136,5 +133,90 @@ def test_kernels_compile_for_sm90_without_spills(monkeypatch, num_tokens, max_ra
     assert shrink.grid[0] == meta.num_tiles
     assert expand.grid[0] == meta.num_expand_tiles
     for launch in (shrink, expand):
-        usage = _compile_sm90(launch, dtype)
+        usage, _ = _compile_sm90(launch, dtype)
         assert "STACK:0 " in usage + " ", f"{launch.kernel.__name__} spills registers: {usage}"
+
+
+def _skip_without_nvidia_compiler() -> None:
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.backends.nvidia import compiler  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"this triton cannot compile for NVIDIA GPUs: {exc}")
+
+
+def _global_loads_around(ptx: str, instruction: str) -> tuple[int, int]:
+    """Global loads of the PTX before and after the first `instruction`."""
+    lines = ptx.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.strip().startswith(instruction))
+    loads = [i for i, line in enumerate(lines) if "ld.global" in line]
+    return sum(i < at for i in loads), sum(i > at for i in loads)
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "max_rank", "dtype"),
+    [(64, 16, torch.bfloat16), (64, 64, torch.bfloat16), (512, 16, torch.bfloat16), (64, 64, torch.float32)],
+)
+def test_pdl_pair_compiles_for_sm90_with_its_reads_on_the_right_side_of_the_wait(
+    monkeypatch, num_tokens, max_rank, dtype
+):
+    """lora_apply(pdl=True) on an sm_90 GPU: both kernels launch with PDL and without spills. The shrink
+    reads nothing before its grid-dependency wait and only then lets the expand start; the expand
+    reads its metadata and first block of B before its wait (the point of PDL) and h after it."""
+    _skip_without_nvidia_compiler()
+    import lorafleet.kernels.expand as expand_module
+    import lorafleet.kernels.shrink as shrink_module
+
+    for module in (shrink_module, expand_module):  # as on an H100, whatever this machine has
+        monkeypatch.setattr(module, "pdl_supported", lambda device: True)
+    cpu_dtype = torch.float32 if dtype == torch.float32 else torch.float16
+    p = make_problem(num_tokens, 8, 64, 48, ranks="mixed", max_rank=max_rank, dtype=cpu_dtype)
+    meta = LoraBatchMeta.build(p.token_slots, p.num_slots)
+    h = torch.zeros(num_tokens, max_rank)
+    shrink = _record(
+        monkeypatch,
+        "lorafleet.kernels.shrink",
+        lambda: lora_shrink(
+            p.x, p.lora_a, p.token_slots, p.slot_ranks, meta=meta, backend="triton", pdl=True
+        ),
+    )
+    expand = _record(
+        monkeypatch,
+        "lorafleet.kernels.expand",
+        lambda: lora_expand(
+            h, p.lora_b, p.token_slots, p.slot_ranks, p.slot_scales, p.new_out(), meta=meta,
+            backend="triton", pdl=True,
+        ),
+    )  # fmt: skip
+    for launch in (shrink, expand):
+        assert launch.kwargs["launch_pdl"] is True
+        assert launch.kwargs["GDC"] is True
+    usage, ptx = _compile_sm90(shrink, dtype)
+    assert "STACK:0 " in usage + " ", f"shrink spills registers: {usage}"
+    assert _global_loads_around(ptx, "griddepcontrol.wait")[0] == 0
+    assert ptx.index("griddepcontrol.wait") < ptx.index("griddepcontrol.launch_dependents")
+    usage, ptx = _compile_sm90(expand, dtype)
+    assert "STACK:0 " in usage + " ", f"expand spills registers: {usage}"
+    assert "griddepcontrol.launch_dependents" not in ptx
+    before, after = _global_loads_around(ptx, "griddepcontrol.wait")
+    assert before > 0
+    assert after > 0
+
+
+def test_pdl_is_off_where_the_device_cannot_use_it(monkeypatch):
+    """On CPU (the interpreter) pdl=True runs the same kernels without the launch option or the
+    grid-dependency instructions, which the interpreter does not know."""
+    p = make_problem(7, 3, 16, 24, ranks="mixed", max_rank=16, dtype=torch.float16)
+    meta = LoraBatchMeta.build(p.token_slots, p.num_slots)
+    h = torch.zeros(7, 16)
+    expand = _record(
+        monkeypatch,
+        "lorafleet.kernels.expand",
+        lambda: lora_expand(
+            h, p.lora_b, p.token_slots, p.slot_ranks, p.slot_scales, p.new_out(), meta=meta,
+            backend="triton", pdl=True,
+        ),
+    )  # fmt: skip
+    assert "launch_pdl" not in expand.kwargs
+    assert expand.kwargs["GDC"] is False
+    assert expand.kwargs["PREFETCH_B"] is True

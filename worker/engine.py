@@ -61,6 +61,9 @@ class EngineConfig:
     kv_memory_fraction: float = 0.85  # share of free device memory for the KV cache
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     cuda_graphs: bool = True  # capture decode steps in CUDA graphs (CUDA devices only)
+    # Launch each LoRA shrink-expand pair with programmatic dependent launch (`lora_apply(pdl=True)`;
+    # compute capability 9.0+, ignored elsewhere). Off until benchmarks/bench_kernels.py measures it.
+    lora_pdl: bool = False
 
     def __post_init__(self) -> None:
         checks = {
@@ -96,6 +99,7 @@ class Engine:
         self.config = config
         self.tokenizer = tokenizer
         self.device = model.device
+        model.lora_pdl = config.lora_pdl
         spec = model.spec
         self.max_model_len = min(config.max_model_len or spec.max_positions, spec.max_positions)
         self.slots = AdapterSlots(spec.shapes, config.max_loras, config.max_rank, model.dtype, model.device)

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from lorafleet.kernels import LoraBatchMeta, apply_rotary, lora_expand, lora_shrink, paged_attention, rms_norm
+from lorafleet.kernels import LoraBatchMeta, apply_rotary, lora_apply, paged_attention, rms_norm
 from lorafleet.worker.adapters import AdapterSlots, ModelShapes
 from lorafleet.worker.attention import write_kv
 from lorafleet.worker.batch import StepBatch
@@ -227,6 +227,7 @@ class DecoderModel:
         # The Llama rotary module reads only rope fields that every supported family shares.
         self.rotary = LlamaRotaryEmbedding(config).to(device)  # type: ignore[arg-type]
         self.scale = self.spec.head_dim**-0.5
+        self.lora_pdl = False  # LoRA pairs with programmatic dependent launch (EngineConfig.lora_pdl)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: torch.device, dtype: torch.dtype) -> DecoderModel:
@@ -257,9 +258,8 @@ class DecoderModel:
             # One shrink and one expand for the whole group (q/k/v: G = 3), on y's columns.
             ranks, scales = slots.group_ranks[name], slots.group_scales[name]  # [G, S]
             a, b, slots_of = slots.group_a[layer][name], slots.group_b[layer][name], batch.token_slots
-            h = lora_shrink(x, a, slots_of, ranks, meta=batch.lora_meta)  # [N, G * R] fp32
-            widths = slots.group_widths[name]
-            lora_expand(h, b, slots_of, ranks, scales, y, group_widths=widths, meta=batch.lora_meta)
+            widths, meta = slots.group_widths[name], batch.lora_meta
+            lora_apply(x, a, b, slots_of, ranks, scales, y, group_widths=widths, meta=meta, pdl=self.lora_pdl)
         return list(y.split(self._widths[name], dim=1)) if name in FUSED else [y]
 
     def _attention(
