@@ -7,7 +7,7 @@
 #     benchmarks/run_gpu.sh gpu-tests bench_kernels sweep_kernels   # only the steps named
 #
 # Steps: gpu-tests bench_kernels bench_attention bench_engine bench_adapters bench_worker_overhead, and
-# sweep_kernels (the kernels' block-size sweep, only when named).
+# sweep_kernels and sweep_mlp (the kernels' block-size sweeps at the q/o and MLP shapes, only when named).
 # JSON results land in benchmarks/results/ as usual; everything is printed to stdout (tee it to a log).
 # Where lorafleet is not installed (a bare GPU machine with torch, triton, transformers and peft),
 # the checkout is imported through a link tree that maps lorafleet.{producer,worker,kernels}.
@@ -50,7 +50,7 @@ step() {  # step SECONDS NAME COMMAND...: runs unless steps were named and NAME 
     local limit=$(($1 * scale)) name=$2 start rc
     shift 2
     if [[ "$only" == "  " ]]; then
-        [[ "$name" == sweep_kernels ]] && return 0
+        [[ "$name" == sweep_* ]] && return 0
     elif [[ "$only" != *" $name "* ]]; then
         return 0
     fi
@@ -71,4 +71,5 @@ step 210 bench_engine "$py" benchmarks/bench_engine.py $quick
 step 90 bench_adapters "$py" benchmarks/bench_adapters.py --repeat 1
 step 150 bench_worker_overhead "$py" benchmarks/bench_worker_overhead.py --device cuda --size llama-3-1b $quick
 step 180 sweep_kernels "$py" benchmarks/sweep_kernels.py --limit 120
+step 300 sweep_mlp "$py" benchmarks/sweep_kernels.py --limit 240 --points gate_up:64x64 down:64x64 --out sweep_kernels_mlp
 exit $failed

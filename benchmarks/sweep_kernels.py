@@ -1,7 +1,9 @@
 """Block sizes of the multi-LoRA kernels, swept on a GPU: shrink and expand timed apart, per config.
 
 At the decode points the kernel targets name (rank 16, 4096 -> 4096: 64 tokens over 64 adapters, 64
-tokens on one adapter, one token on one adapter), every candidate config of each kernel (tile height,
+tokens on one adapter, one token on one adapter), and on request at the MLP's shapes (64 tokens over 64
+adapters: gate/up 4096 -> 14336, down 14336 -> 4096, where most of a step's adapter bytes are), every
+candidate config of each kernel (tile height,
 block sizes, warps, pipeline stages) is timed by CUDA-graph replay over rotating copies of the batch, as
 bench_kernels.py times the defaults, and its result is compared with the default config's. The
 fastest config of each point is what `block_m_for`, `_shrink_config` and `_expand_config` should pick.
@@ -9,10 +11,11 @@ fastest config of each point is what `block_m_for`, `_shrink_config` and `_expan
 Each point also times `two_copies_ms`: two device-to-device copies (two kernels, like shrink + expand)
 that move the same bytes as the point's shrink + expand must, a floor for what two kernels can reach.
 
-    python benchmarks/sweep_kernels.py [--limit SECONDS]
+    python benchmarks/sweep_kernels.py [--limit SECONDS] [--points q_o:64x64 gate_up:64x64 ...] [--out NAME]
 
-Points run in the order above until --limit (default 240 s) is reached. Prints the best configs and
-writes benchmarks/results/sweep_kernels.json after every point, so a run cut short keeps what it measured.
+Points run in the order given until --limit (default 240 s) is reached. Prints the best configs and
+writes benchmarks/results/sweep_kernels.json (or NAME.json) after every point, so a run cut short
+keeps what it measured.
 """
 
 from __future__ import annotations
@@ -30,18 +33,21 @@ from unittest import mock
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import Case, bytes_moved, graph_ms, hbm_bandwidth, make_batches, two_copies_ms
+from bench_kernels import PROJECTIONS, Case, bytes_moved, graph_ms, hbm_bandwidth, make_batches, two_copies_ms
 from common import write_results
 
 from lorafleet.kernels import expand as expand_mod
 from lorafleet.kernels import lora_expand, lora_shrink
 from lorafleet.kernels import shrink as shrink_mod
 
-POINTS = [
-    Case("decode", "q_o", 64, 64, 16),
-    Case("decode", "q_o", 64, 1, 16),
-    Case("decode", "q_o", 1, 1, 16),
-]
+POINTS = {  # name -> point; the first three by default, the MLP ones when named (--points)
+    "q_o:64x64": Case("decode", "q_o", 64, 64, 16),
+    "q_o:64x1": Case("decode", "q_o", 64, 1, 16),
+    "q_o:1x1": Case("decode", "q_o", 1, 1, 16),
+    "gate_up:64x64": Case("decode", "gate_up", 64, 64, 16),  # expand to 14336 columns
+    "down:64x64": Case("decode", "down", 64, 64, 16),  # shrink over 14336 inputs
+}
+DEFAULT_POINTS = ("q_o:64x64", "q_o:64x1", "q_o:1x1")
 BLOCK_MS = (4, 8, 16)
 
 
@@ -61,9 +67,10 @@ def shrink_configs(block_m: int) -> Iterator[shrink_mod._ShrinkConfig]:
                     yield shrink_mod._ShrinkConfig(block_r, block_k, False, warps, stages)
 
 
-def expand_configs() -> Iterator[expand_mod._ExpandConfig]:
-    """Candidates: output columns per program, warps, stages, and whether out is loaded early."""
-    for block_n in (64, 128, 256):
+def expand_configs(d_out: int) -> Iterator[expand_mod._ExpandConfig]:
+    """Candidates: output columns per program (512 too for wide outputs), warps, stages, and whether out
+    is loaded early."""
+    for block_n in (64, 128, 256, 512) if d_out >= 8192 else (64, 128, 256):
         for warps in (2, 4, 8):
             for stages in (1, 3):
                 for preload in (False, True):
@@ -102,7 +109,7 @@ def sweep_tile_height(
             err = float((h - h_ref).abs().max())
             ms = graph_ms([t.shrink for t in batches])
         result["shrink"].append({"block_m": block_m, **asdict(cfg), "ms": ms, "max_err": err})
-    for ecfg in expand_configs():
+    for ecfg in expand_configs(PROJECTIONS[case.proj][1]):
         if time.monotonic() > deadline:
             return
         with mock.patch.object(expand_mod, "_expand_config", lambda *_, c=ecfg: c):
@@ -122,6 +129,14 @@ def best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--limit", type=float, default=240.0, help="seconds before no new config starts")
+    parser.add_argument(
+        "--points",
+        nargs="+",
+        choices=list(POINTS),
+        default=list(DEFAULT_POINTS),
+        help="points to sweep, in order",
+    )
+    parser.add_argument("--out", default="sweep_kernels", help="results name under benchmarks/results/")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("sweep_kernels.py needs a CUDA GPU; nothing measured.", file=sys.stderr)
@@ -130,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     hbm = hbm_bandwidth()
     l2_bytes = int(getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20))
     points = []
-    for case in POINTS:
+    for case in (POINTS[name] for name in args.points):
         if time.monotonic() > deadline:
             break
         point = sweep_point(case, l2_bytes, hbm, deadline)
@@ -140,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{case.tokens} tokens / {case.adapters} adapters: two copies {copies_us:.2f} us")
         print(f"  shrink best ({len(point['shrink'])} tried): {shrink_best}")
         print(f"  expand best ({len(point['expand'])} tried): {expand_best}")
-        write_results("sweep_kernels", points, extra={"hbm_bytes_per_s": hbm, "l2_bytes": l2_bytes})
+        write_results(args.out, points, extra={"hbm_bytes_per_s": hbm, "l2_bytes": l2_bytes})
     return 0
 
 
