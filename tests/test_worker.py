@@ -416,8 +416,8 @@ def test_a_drain_that_runs_out_of_time_hands_a_running_job_to_another_worker(red
     """SIGTERM with a job that outlives the drain timeout: the job is handed back and answered once,
     in full, by another worker."""
     draining = inproc(name="draining", drain_timeout=0.3, visibility_timeout=2.0)
-    step = draining.engine.step
-    draining.engine.step = lambda: (time.sleep(0.005), step())[1]  # 300 steps outlast the drain
+    launch = draining.engine.launch  # the worker's turn runs a step as launch, then finish
+    draining.engine.launch = lambda: (time.sleep(0.005), launch())[1]  # 300 steps outlast the drain
     with Producer(redis_url) as producer:
         handle = producer.submit(prompt_ids=[5, 6, 7], max_new_tokens=300, ignore_eos=True, temperature=0.0)
         turn_until(draining, lambda: any(j.token_ids for j in draining.running.values()))
@@ -438,8 +438,8 @@ def test_a_job_running_longer_than_the_visibility_timeout_keeps_its_claim(redis_
     """The worker refreshes the claims of its running jobs: a live second worker never takes over a
     job that runs for several visibility timeouts, and the job is answered once, by its worker."""
     busy = inproc(name="busy", visibility_timeout=1.5)
-    step = busy.engine.step
-    busy.engine.step = lambda: (time.sleep(0.01), step())[1]  # 250 steps: 2 visibility timeouts or more
+    launch = busy.engine.launch
+    busy.engine.launch = lambda: (time.sleep(0.01), launch())[1]  # 250 steps: 2 visibility timeouts or more
     idle = inproc(name="idle", visibility_timeout=1.5, idle_block=0.05)
     with Producer(redis_url) as producer:
         handle = producer.submit(prompt_ids=[5, 6, 7], max_new_tokens=250, ignore_eos=True, temperature=0.0)
@@ -623,6 +623,38 @@ def test_streamed_text_adds_up_to_the_result_and_holds_back_a_stop_string_in_the
     assert "".join(c.text for c in chunks) == final.text
     assert [t for c in chunks for t in c.token_ids] == list(final.token_ids)
     assert [c.seq for c in chunks] == list(range(len(chunks)))
+
+
+def test_a_streamed_job_with_stop_strings_has_its_tokens_decoded_once(redis_url, inproc, monkeypatch):
+    """The engine decodes a job's new tokens to look for its stop strings; the stream's text reuses that
+    text instead of decoding the same tokens again. Per step, a streamed job with stop strings costs
+    the tokenizer what a streamed job without them does."""
+    worker = inproc()
+    tokenizer = worker.engine.tokenizer
+    calls = []
+    real_decode = tokenizer.decode
+    monkeypatch.setattr(tokenizer, "decode", lambda *a, **k: calls.append(1) or real_decode(*a, **k))
+    spec = dict(prompt_ids=[5, 6, 7], max_new_tokens=40, ignore_eos=True, temperature=0.0, stream=True)
+
+    def decodes_per_step(**extra):
+        with Producer(redis_url) as producer:
+            handle = producer.submit(**spec, **extra)
+            turn_until(worker, lambda: bool(worker.running) and worker.engine.num_running == 1)
+            for _ in range(3):  # past the first steps (prefill, the decoders' first windows)
+                worker.turn()
+            calls.clear()
+            for _ in range(10):
+                worker.turn()
+            per_step = len(calls) / 10
+            turn_until(worker, lambda: not worker.running)
+            items = list(handle.stream(timeout=30))
+        assert "".join(c.text for c in items[:-1]) == items[-1].text
+        return per_step
+
+    plain = decodes_per_step()
+    with_stops = decodes_per_step(stop=["no such text \u2603", "nor this"])
+    assert plain > 0
+    assert with_stops == plain
 
 
 def test_engine_steps_that_keep_failing_hand_the_jobs_back_and_then_stop_the_worker(redis_url, inproc):

@@ -418,9 +418,11 @@ class Engine:
             seq.output_ids.append(int(token))
             self._check_stop(seq)
         finished = [s for s in seqs if s.is_finished and s.finish_reason != FinishReason.ABORTED]
+        decodes = self.tokenizer is not None  # stop strings are looked for in the decoded text
         for seq in seqs:
             if not seq.is_finished:
-                outputs.append(StepOutput(seq.request_id, [seq.output_ids[-1]], False))
+                decoded = seq.decoded if decodes and seq.request.stop else None
+                outputs.append(StepOutput(seq.request_id, [seq.output_ids[-1]], False, decoded=decoded))
         outputs += self._retire(finished, with_last_token=True)
         return outputs
 

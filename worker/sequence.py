@@ -71,6 +71,9 @@ class StepOutput:
     new_token_ids: list[int]
     finished: bool
     finish_reason: FinishReason | None = None
+    # The output's text so far, where the engine decoded it this step (to look for stop strings), so
+    # that a streaming caller need not decode the same tokens again; None where it did not.
+    decoded: str | None = None
 
 
 _seq_counter = itertools.count()

@@ -582,9 +582,12 @@ class Worker:
             self.metrics.ttft.observe(now - job.delivery.enqueued_at)
         job.token_ids.extend(output.new_token_ids)
         if job.job.stream and not output.finished:  # a finished job's last chunk goes with its result
-            if job.decoder is None:
-                job.decoder = IncrementalDecoder(self._decode)
-            job.decoded += job.decoder.delta(job.token_ids)
+            if output.decoded is not None:  # the engine decoded the tokens for its stop strings
+                job.decoded = output.decoded
+            else:
+                if job.decoder is None:
+                    job.decoder = IncrementalDecoder(self._decode)
+                job.decoded += job.decoder.delta(job.token_ids)
             # Text that may still turn out to be the start of a stop string waits (the result cuts
             # a matched stop string off, and the chunks' text must add up to the result's).
             held = stop_prefix_len(job.decoded, job.job.sampling.stop)
