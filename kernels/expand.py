@@ -148,6 +148,7 @@ class _ExpandConfig:
     num_warps: int
     num_stages: int
     preload_out: bool = False
+    maxnreg: int | None = None  # cap on registers per thread (more programs per SM); None: ptxas' choice
 
 
 def _expand_config(block_m: int, dtype: torch.dtype) -> _ExpandConfig:
@@ -257,6 +258,7 @@ def lora_expand(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **launch_options(gdc),
+        **({} if cfg.maxnreg is None or device.type != "cuda" else {"maxnreg": cfg.maxnreg}),
     )
 
 
