@@ -42,8 +42,8 @@ def lora_apply(
     first block of weights overlap the shrink. The result is the same, bit for bit. `meta` is built here
     when not given.
     """
-    check_shrink_args(x, lora_a, token_slots, slot_ranks)
-    if meta is None:
+    if meta is None:  # built before the pair (expand with pdl=True needs it); arguments checked first
+        check_shrink_args(x, lora_a, token_slots, slot_ranks)
         meta = LoraBatchMeta.build(token_slots, lora_a.shape[0])
     h = lora_shrink(x, lora_a, token_slots, slot_ranks, meta=meta, backend=backend, debug=debug, pdl=pdl)
     lora_expand(
