@@ -4,7 +4,8 @@
     h = lora_shrink(x, lora_a, token_slots, slot_ranks, meta=meta)            # [T, R] fp32
     lora_expand(h, lora_b, token_slots, slot_ranks, slot_scales, out, meta=meta)  # out += ...
 
-    lora_apply(x, lora_a, lora_b, token_slots, slot_ranks, slot_scales, out, meta=meta, pdl=True)  # both
+    # or both in one call; pdl=True overlaps the expand's start with the shrink (Hopper, `pdl_supported`)
+    lora_apply(x, lora_a, lora_b, token_slots, slot_ranks, slot_scales, out, meta=meta, pdl=True)
 
 Projections that share their input (q, k and v) run as one launch pair: A stacked [S, G*R, d_in], B
 stacked [S, sum of d_out, R], ranks and scales [G, S], and `group_widths=` (each d_out) for expand.
