@@ -289,28 +289,23 @@ def run_case(case: Case, seed: int, l2_bytes: int) -> dict[str, Any]:
     return row
 
 
-def pdl_is_bit_exact(t: Batch) -> bool:
-    """Whether lora_apply(pdl=True) updates out exactly as shrink then expand do; out is left as it was."""
+def out_after(t: Batch, update: Callable[[], object]) -> torch.Tensor:
+    """out as `update` leaves it; out is then put back as it was."""
     before = t.out.clone()
-    t.both()
-    plain = t.out.clone()
+    update()
+    after = t.out.clone()
     t.out.copy_(before)
-    t.apply_pdl()
-    same = torch.equal(t.out, plain)
-    t.out.copy_(before)
-    return same
+    return after
+
+
+def pdl_is_bit_exact(t: Batch) -> bool:
+    """Whether lora_apply(pdl=True) updates out exactly as shrink then expand do."""
+    return torch.equal(out_after(t, t.apply_pdl), out_after(t, t.both))
 
 
 def check_against_baseline(t: Batch) -> float:
-    """Max |ours - baseline| of one update of out (sanity check; both in bf16); out is left as it was."""
-    before = t.out.clone()
-    t.both()
-    ours = t.out.clone()
-    t.out.copy_(before)
-    t.baseline()
-    theirs = t.out.clone()
-    t.out.copy_(before)
-    return float((ours.float() - theirs.float()).abs().max())
+    """Max |ours - baseline| of one update of out (sanity check; both in bf16)."""
+    return float((out_after(t, t.both).float() - out_after(t, t.baseline).float()).abs().max())
 
 
 QKV_WIDTHS = (4096, 1024, 1024)  # Llama-3-8B q, k, v outputs of one 4096-wide hidden state

@@ -64,6 +64,27 @@ def _record(monkeypatch: pytest.MonkeyPatch, module: str, call: Any) -> _Launch:
     return launch
 
 
+def _record_pair(
+    monkeypatch: pytest.MonkeyPatch, p: Any, meta: LoraBatchMeta, *, pdl: bool = False
+) -> tuple[_Launch, _Launch]:
+    """The launches lora_shrink and lora_expand make for problem `p` (Triton kernels, CPU tensors)."""
+    h = torch.zeros(p.num_tokens, p.max_rank)
+    shrink = _record(
+        monkeypatch,
+        "lorafleet.kernels.shrink",
+        lambda: lora_shrink(p.x, p.lora_a, p.token_slots, p.slot_ranks, meta=meta, backend="triton", pdl=pdl),
+    )
+    expand = _record(
+        monkeypatch,
+        "lorafleet.kernels.expand",
+        lambda: lora_expand(
+            h, p.lora_b, p.token_slots, p.slot_ranks, p.slot_scales, p.new_out(), meta=meta,
+            backend="triton", pdl=pdl,
+        ),
+    )  # fmt: skip
+    return shrink, expand
+
+
 def _compile_sm90(launch: _Launch, dtype: torch.dtype) -> tuple[str, str]:
     """Compile the recorded launch for sm_90 with `dtype` for the float tensors: cuobjdump's usage line,
     and the PTX."""
@@ -117,19 +138,7 @@ def test_kernels_compile_for_sm90_without_spills(monkeypatch, num_tokens, max_ra
         num_tokens, 8, 64, 48, ranks="mixed", max_rank=max_rank, popularity="zipf", dtype=cpu_dtype
     )
     meta = LoraBatchMeta.build(p.token_slots, p.num_slots)
-    h = torch.zeros(num_tokens, max_rank)
-    shrink = _record(
-        monkeypatch,
-        "lorafleet.kernels.shrink",
-        lambda: lora_shrink(p.x, p.lora_a, p.token_slots, p.slot_ranks, meta=meta, backend="triton"),
-    )
-    expand = _record(
-        monkeypatch,
-        "lorafleet.kernels.expand",
-        lambda: lora_expand(
-            h, p.lora_b, p.token_slots, p.slot_ranks, p.slot_scales, p.new_out(), meta=meta, backend="triton"
-        ),
-    )
+    shrink, expand = _record_pair(monkeypatch, p, meta)
     assert shrink.grid[0] == meta.num_tiles
     assert expand.grid[0] == meta.num_expand_tiles
     for launch in (shrink, expand):
@@ -172,22 +181,7 @@ def test_pdl_pair_compiles_for_sm90_with_its_reads_on_the_right_side_of_the_wait
     cpu_dtype = torch.float32 if dtype == torch.float32 else torch.float16
     p = make_problem(num_tokens, 8, 64, 48, ranks="mixed", max_rank=max_rank, dtype=cpu_dtype)
     meta = LoraBatchMeta.build(p.token_slots, p.num_slots)
-    h = torch.zeros(num_tokens, max_rank)
-    shrink = _record(
-        monkeypatch,
-        "lorafleet.kernels.shrink",
-        lambda: lora_shrink(
-            p.x, p.lora_a, p.token_slots, p.slot_ranks, meta=meta, backend="triton", pdl=True
-        ),
-    )
-    expand = _record(
-        monkeypatch,
-        "lorafleet.kernels.expand",
-        lambda: lora_expand(
-            h, p.lora_b, p.token_slots, p.slot_ranks, p.slot_scales, p.new_out(), meta=meta,
-            backend="triton", pdl=True,
-        ),
-    )  # fmt: skip
+    shrink, expand = _record_pair(monkeypatch, p, meta, pdl=True)
     for launch in (shrink, expand):
         assert launch.kwargs["launch_pdl"] is True
         assert launch.kwargs["GDC"] is True
@@ -208,15 +202,7 @@ def test_pdl_is_off_where_the_device_cannot_use_it(monkeypatch):
     grid-dependency instructions, which the interpreter does not know."""
     p = make_problem(7, 3, 16, 24, ranks="mixed", max_rank=16, dtype=torch.float16)
     meta = LoraBatchMeta.build(p.token_slots, p.num_slots)
-    h = torch.zeros(7, 16)
-    expand = _record(
-        monkeypatch,
-        "lorafleet.kernels.expand",
-        lambda: lora_expand(
-            h, p.lora_b, p.token_slots, p.slot_ranks, p.slot_scales, p.new_out(), meta=meta,
-            backend="triton", pdl=True,
-        ),
-    )  # fmt: skip
+    _, expand = _record_pair(monkeypatch, p, meta, pdl=True)
     assert "launch_pdl" not in expand.kwargs
     assert expand.kwargs["GDC"] is False
     assert expand.kwargs["PREFETCH_B"] is True
