@@ -9,14 +9,17 @@ A worker loop, in short::
 
     position = wake_position(r, keys)
     while running:
-        queues = [q for q, _ in waiting_queues(r, keys)]        # (the scheduler picks among them)
+        waiting, bad = read_waiting(r, keys)                    # (the scheduler picks among them)
+        for name in bad:                                        # names no producer should have used
+            purge_queue(r, keys, name, "w1", min_idle=30.0)
+        queues = [q for q, _ in waiting]
         deliveries = read_jobs(r, keys, queues, consumer="w1") if queues else []
         if not deliveries:
             position = wait_for_work(r, keys, position, block=5.0)
             continue
         for d in deliveries:
             try:
-                job = decode_job(d.payload, keys)
+                job = decode_delivery(d, keys)
             except ProtocolError as exc:
                 reject(r, keys, d, exc)
                 continue
@@ -35,9 +38,20 @@ import redis
 from redis.exceptions import NoScriptError, ResponseError
 
 from lorafleet.producer import scripts
+from lorafleet.producer.checks import describe
 from lorafleet.producer.errors import ProtocolError
-from lorafleet.producer.keys import Keys, adapter_of_queue
-from lorafleet.producer.protocol import Chunk, ErrorReply, Reply, encode_reply, entry_time
+from lorafleet.producer.keys import Keys, adapter_of_queue, check_queue, queue_name
+from lorafleet.producer.protocol import (
+    DEFAULT_REPLY_TTL,
+    Chunk,
+    ErrorCode,
+    ErrorReply,
+    Job,
+    Reply,
+    decode_job,
+    encode_reply,
+    entry_time,
+)
 from lorafleet.producer.streams import xrange_entries, xread_entries
 
 
@@ -50,15 +64,16 @@ class _Lua:
         return hashlib.sha1(self.text.encode()).hexdigest()
 
 
-_READ, _FINAL, _DEAD, _CHUNKS = (
+_READ, _FINAL, _DEAD, _CHUNKS, _FORGET = (
     _Lua(scripts.READ),
     _Lua(scripts.FINAL),
     _Lua(scripts.DEAD),
     _Lua(scripts.CHUNKS),
+    _Lua(scripts.FORGET),
 )
 
 
-def _run(r: redis.Redis, script: _Lua, keys: Sequence[str], args: Sequence[Any]) -> Any:
+def _run(r: redis.Redis, script: _Lua, keys: Sequence[str | bytes], args: Sequence[Any]) -> Any:
     """EVALSHA, falling back to EVAL (which caches the script) when the server does not know it."""
     try:
         return r.evalsha(script.sha, len(keys), *keys, *args)
@@ -100,9 +115,29 @@ def ensure_group(r: redis.Redis, keys: Keys, queue: str) -> None:
 
 
 def waiting_queues(r: redis.Redis, keys: Keys, limit: int = 64) -> list[tuple[str, float]]:
-    """Queues with undelivered jobs, oldest first: (queue, enqueue time of its oldest job in unix seconds)."""
+    """Queues with undelivered jobs, oldest first: (queue, enqueue time of its oldest job in unix seconds).
+
+    Members that are not valid queue names are left out: see `read_waiting` and `purge_queue`.
+    """
+    return read_waiting(r, keys, limit)[0]
+
+
+def read_waiting(r: redis.Redis, keys: Keys, limit: int = 64) -> tuple[list[tuple[str, float]], list[bytes]]:
+    """The first `limit` members of the waiting index, oldest first, split into the valid queues
+    (queue, enqueue time of its oldest job in unix seconds) and the raw names of invalid ones.
+
+    Anything can be a member: a producer that skips the submit script's checks may have put a name
+    that is no adapter id (``.hidden``, ``a/b``, bytes that are not UTF-8) there. Such a name must
+    never become a key or a path; `purge_queue` empties its stream and takes it out of the index.
+    """
     pairs: list[Any] = list(r.zrange(keys.waiting, 0, limit - 1, withscores=True))
-    return [(_text(pair[0]), float(pair[1]) / 1000.0) for pair in pairs]
+    valid, bad = [], []
+    for raw, score in pairs:
+        try:
+            valid.append((check_queue(raw), float(score) / 1000.0))
+        except (TypeError, ValueError):
+            bad.append(bytes(raw) if isinstance(raw, bytes) else str(raw).encode())
+    return valid, bad
 
 
 def wake_position(r: redis.Redis, keys: Keys) -> bytes:
@@ -139,6 +174,29 @@ def read_jobs(
     return out
 
 
+def decode_delivery(delivery: Delivery, keys: Keys) -> Job:
+    """Decode and check a delivered job: ProtocolError (with what could be read of its id, reply_to
+    and metadata, for `reject`) for anything wrong with it, whatever its bytes hold.
+
+    Beyond `decode_job`: the job's `adapter` must be the adapter of the queue it was read from (a
+    worker schedules by queue; a job that names another adapter would run outside that plan).
+    """
+    try:
+        job = decode_job(delivery.payload, keys)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # a decoder bug must concern this job alone: nobody can be told
+        message = f"job could not be decoded: {type(exc).__name__}"
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, message) from exc
+    if queue_name(job.adapter) != delivery.queue:
+        raise ProtocolError(
+            ErrorCode.INVALID_REQUEST,
+            f"adapter {describe(job.adapter)} does not match the queue {delivery.queue!r} it was read from",
+            job_id=job.id, reply_to=job.reply_to, reply_ttl=job.reply_ttl, metadata=job.metadata,
+        )  # fmt: skip
+    return job
+
+
 def is_cancelled(r: redis.Redis, keys: Keys, job_id: str) -> bool:
     """True when the client has set the job's cancel marker."""
     return bool(r.exists(keys.cancel(job_id)))
@@ -164,16 +222,22 @@ def publish_final(
     """Atomically append the final reply, refresh the reply stream's expiry, XACK and XDEL the job.
 
     Returns False (and writes nothing) when the entry was no longer pending: another worker that
-    claimed it has answered already.
+    claimed it has answered already. When `reply_to` holds a key of another type, nobody can be
+    answered: the job is dead-lettered instead (in the same step) and True is returned.
     """
     return bool(_run(r, _FINAL, *_final_call(stream, entry_id, reply, reply_to, reply_ttl, group)))
+
+
+def _dead_of(stream: str) -> str:
+    """The dead-letter stream of the namespace of a job stream (queue names hold no ':')."""
+    return Keys(stream[: stream.rindex(":jobs:")]).dead
 
 
 def _final_call(
     stream: str, entry_id: str, reply: Reply, reply_to: str, reply_ttl: int, group: str
 ) -> tuple[list[str], list[Any]]:
     """KEYS and ARGV of the FINAL script."""
-    return [stream, reply_to], [group, entry_id, encode_reply(reply), reply_ttl * 1000]
+    return [stream, reply_to, _dead_of(stream)], [group, entry_id, encode_reply(reply), reply_ttl * 1000]
 
 
 class ReplyBatch:
@@ -189,6 +253,10 @@ class ReplyBatch:
     def __init__(self) -> None:
         # ("chunks", (reply streams, [payload, ttl ms, payload, ttl ms, ...])) or ("final", (keys, argv))
         self._ops: list[tuple[str, tuple[list[str], list[Any]]]] = []
+        # Server errors of single replies in the last flush ("final <job stream> <entry>: error"); the
+        # others of the batch were sent. Their jobs stay pending and are answered again after the
+        # visibility timeout, or dead-lettered.
+        self.failures: list[str] = []
 
     def __len__(self) -> int:
         """The replies queued: chunks and finals."""
@@ -243,16 +311,20 @@ class ReplyBatch:
         results = iter(pipe.execute(raise_on_error=False))
         if load_chunks:
             next(results)
-        for script, keys, argv in calls:
+        self.failures = []
+        for (kind, _), (script, keys, argv) in zip(ops, calls, strict=True):
             outcome = next(results)
-            if isinstance(outcome, NoScriptError):  # a restarted server: EVAL loads the script
-                _run(r, script, keys, argv)
-            elif isinstance(outcome, Exception):
-                raise outcome
+            try:
+                if isinstance(outcome, NoScriptError):  # a restarted server: EVAL loads the script
+                    _run(r, script, keys, argv)
+                elif isinstance(outcome, Exception):
+                    raise outcome
+            except ResponseError as exc:  # this reply alone; the rest of the batch went out
+                self.failures.append(f"{kind} {keys[0] if kind == 'final' else len(keys)}: {exc}")
         values = next(results) if read_keys else []
+        del self._ops[: len(ops)]
         if isinstance(values, Exception):
             raise values
-        del self._ops[: len(ops)]
         return list(values)
 
 
@@ -274,6 +346,80 @@ def dead_letter(
         stream_keys.append(reply_to)
         args += [encode_reply(reply), reply_ttl * 1000]
     return bool(_run(r, _DEAD, stream_keys, args))
+
+
+def purge_queue(
+    r: redis.Redis,
+    keys: Keys,
+    raw_queue: bytes,
+    consumer: str,
+    *,
+    min_idle: float,
+    worker: str = "",
+    count: int = 100,
+) -> int:
+    """Retire a queue whose name is not valid (see `read_waiting`): dead-letter up to `count` of its
+    new entries and of its pending ones idle for `min_idle` seconds (with an `invalid_request` reply
+    where the job names a valid id and reply_to), and drop it from the indexes once its stream is
+    empty. Returns the entries dead-lettered; call again while it returns `count` or more.
+
+    Keys are built from the raw bytes (the name may not be UTF-8), never from decoded text.
+    """
+    try:
+        check_queue(raw_queue)
+    except (TypeError, ValueError) as exc:
+        why = f"{exc}: the job was not run"
+    else:
+        raise ValueError(f"queue {raw_queue!r} is valid: it is served, not purged")
+    stream = keys.jobs_prefix.encode() + raw_queue
+    # READ takes the new entries and the queue out of `waiting` in one step (a submit in between
+    # puts it back); entries another consumer left pending are claimed once idle.
+    flat = _run(r, _READ, [keys.waiting, stream], [keys.group, consumer, count, raw_queue])
+    entries = [(bytes(flat[i + 1]), bytes(flat[i + 2])) for i in range(0, len(flat), 3)]
+    if r.type(stream) in (b"stream", "stream"):
+        claimed = r.execute_command(
+            "XAUTOCLAIM", stream, keys.group, consumer, int(min_idle * 1000), "0-0", "COUNT", count
+        )
+        entries += [(bytes(e[0]), job_field(e[1])) for e in claimed[1] if e is not None and e[1] is not None]
+    for entry_id, payload in entries:
+        _dead_letter_raw(r, keys, stream, entry_id, payload, why, worker)
+    _run(r, _FORGET, [stream, keys.queues], [raw_queue])
+    return len(entries)
+
+
+def job_field(fields: Any) -> bytes:
+    """The `j` field of a stream entry's fields: flat [name, value, ...] (RESP2) or a map (RESP3)."""
+    pairs = fields.items() if isinstance(fields, dict) else zip(fields[::2], fields[1::2], strict=True)
+    for name, value in pairs:
+        if name in (b"j", "j"):
+            return bytes(value)
+    return b""
+
+
+def routing_of(payload: bytes, keys: Keys) -> tuple[str | None, str | None, int, dict[str, Any] | None]:
+    """Who can be told about a job: its id, reply stream, reply TTL and metadata, each None where it
+    cannot be read (the TTL falls back to the default)."""
+    try:
+        job = decode_job(payload, keys)
+    except ProtocolError as exc:
+        return exc.job_id, exc.reply_to, exc.reply_ttl or DEFAULT_REPLY_TTL, exc.metadata
+    except Exception:  # whatever the bytes do to the decoder, nobody can be told
+        return None, None, DEFAULT_REPLY_TTL, None
+    return job.id, job.reply_to, job.reply_ttl, job.metadata
+
+
+def _dead_letter_raw(
+    r: redis.Redis, keys: Keys, stream: bytes, entry_id: bytes, payload: bytes, reason: str, worker: str
+) -> None:
+    """Dead-letter one entry of a job stream given by its raw key, answering it where it can be."""
+    stream_keys: list[Any] = [stream, keys.dead]
+    args: list[Any] = [keys.group, entry_id, payload, reason, 1]
+    job_id, reply_to, ttl, metadata = routing_of(payload, keys)
+    if job_id is not None and reply_to is not None:
+        reply = ErrorReply.of(job_id, ErrorCode.INVALID_REQUEST, reason, worker=worker, metadata=metadata)
+        stream_keys.append(reply_to)
+        args += [encode_reply(reply), ttl * 1000]
+    _run(r, _DEAD, stream_keys, args)
 
 
 def reject(r: redis.Redis, keys: Keys, delivery: Delivery, error: ProtocolError, worker: str = "") -> bool:

@@ -107,6 +107,31 @@ def queue_name(adapter: str | None) -> str:
     return check_adapter_id(adapter)
 
 
+def check_queue(queue: object) -> str:
+    """Validate a queue name read from Redis (a member of ``waiting`` or ``queues``) and return it as
+    text: ``~base`` or an adapter id. Producers that skip the submit script's rules can put anything
+    there, bytes that are not UTF-8 included; a worker must never build keys or paths from those."""
+    if isinstance(queue, bytes):
+        try:
+            queue = queue.decode()
+        except UnicodeDecodeError:
+            raise ValueError("queue name is not valid UTF-8") from None
+    if queue == BASE_QUEUE:
+        return BASE_QUEUE
+    return check_adapter_id(queue, "queue")
+
+
+def check_reply_to(reply_to: object, prefix: str) -> str:
+    """Validate a job's reply stream: exactly ``prefix`` (``{ns}:reply:``) and a client id."""
+    if not isinstance(reply_to, str):
+        raise TypeError(f"reply_to must be a string, not {type(reply_to).__name__}")
+    if not reply_to.startswith(prefix):
+        shown = reply_to[:80].encode("ascii", "backslashreplace").decode()
+        raise ValueError(f"reply_to must be a key under {prefix!r}, got {shown!r}")
+    check_client_id(reply_to[len(prefix) :], "reply_to client id")
+    return reply_to
+
+
 def adapter_of_queue(queue: str) -> str | None:
     """Inverse of `queue_name`: the adapter id of a queue, None for the base model's queue."""
     return None if queue == BASE_QUEUE else queue

@@ -20,15 +20,17 @@ from typing import Any, ClassVar
 import msgpack
 
 from lorafleet.producer.checks import (
+    ContainerKey,
     check_bool,
     check_float,
     check_int,
     check_int_list,
     check_str,
     check_str_list,
+    describe,
 )
 from lorafleet.producer.errors import ProtocolError
-from lorafleet.producer.keys import Keys, check_adapter_id, check_job_id
+from lorafleet.producer.keys import Keys, check_adapter_id, check_job_id, check_reply_to
 
 PROTOCOL_VERSION = 1
 JOB_FIELD = "j"  # the one field of a job stream entry
@@ -90,14 +92,30 @@ def _metadata(value: Any) -> dict[str, Any] | None:
         raise ValueError(f"metadata has {len(value)} keys, more than {MAX_METADATA_KEYS}")
     for key in value:
         if not isinstance(key, str):
-            raise TypeError(f"metadata keys must be strings, got {key!r}")
+            raise TypeError(f"metadata keys must be strings, got {describe(key)}")
     try:
         size = len(msgpack.packb(dict(value), use_bin_type=True))
     except (TypeError, ValueError, OverflowError) as exc:
         raise TypeError(f"metadata must hold msgpack values only: {exc}") from None
     if size > MAX_METADATA_BYTES:
         raise ValueError(f"metadata is {size} bytes of msgpack, more than the limit of {MAX_METADATA_BYTES}")
+    _check_string_keys(value)  # the maps inside (small now: at most 4096 bytes of msgpack)
     return dict(value)
+
+
+def _check_string_keys(metadata: Mapping[Any, Any]) -> None:
+    """Every map inside metadata has string keys: it is echoed in replies, which readers decode with
+    string keys only. Walked with a stack, not recursion (its depth is the producer's choice)."""
+    stack: list[Any] = [metadata]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Mapping):
+            for key, value in item.items():
+                if not isinstance(key, str):
+                    raise TypeError(f"metadata keys must be strings, got {describe(key)}")
+                stack.append(value)
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
 
 
 @dataclass(frozen=True)
@@ -272,13 +290,32 @@ def encode_job(job: Job) -> bytes:
     return bytes(msgpack.packb(job_to_wire(job), use_bin_type=True))
 
 
-def _unpack_map(data: bytes, what: str, max_bytes: int) -> dict[str, Any]:
+def _map_of_pairs(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """A decoded msgpack map whose array or map keys (unhashable in Python) become `ContainerKey`s."""
+    out: dict[Any, Any] = {}
+    for key, value in pairs:
+        try:
+            out[key] = value
+        except TypeError:
+            out[ContainerKey()] = value
+    return out
+
+
+# How a worker decodes a job: any map key (an integer key in an unknown field must not make the job
+# unreadable; checks name the fields that need string keys), and bytes that are not UTF-8 inside a
+# string kept as lone surrogates, so that one bad field does not hide the job's id and reply_to.
+_JOB_DECODING: dict[str, Any] = dict(
+    raw=False, strict_map_key=False, unicode_errors="surrogateescape", object_pairs_hook=_map_of_pairs
+)
+
+
+def _unpack_map(data: bytes, what: str, max_bytes: int, **decoding: Any) -> dict[str, Any]:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{what} must be msgpack bytes")
     if len(data) > max_bytes:
         raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{what} is {len(data)} bytes, more than {max_bytes}")
     try:
-        value = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        value = msgpack.unpackb(data, **(decoding or {"raw": False, "strict_map_key": True}))
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         raise ProtocolError(ErrorCode.INVALID_REQUEST, f"{what} is not valid msgpack: {exc}") from None
     if not isinstance(value, dict):
@@ -288,10 +325,31 @@ def _unpack_map(data: bytes, what: str, max_bytes: int) -> dict[str, Any]:
     return value
 
 
+_ROUTING_FIELDS = frozenset({"id", "reply_to", "reply_ttl", "metadata"})
+
+
+def _routing_fields(data: bytes) -> dict[str, Any]:
+    """The routing fields of a job too large to decode whole: read one by one, every other value
+    skipped without being built. Empty (or partial) when the bytes are not a msgpack map."""
+    unpacker = msgpack.Unpacker(max_buffer_size=len(data), **_JOB_DECODING)
+    unpacker.feed(data)
+    found: dict[str, Any] = {}
+    try:
+        for _ in range(unpacker.read_map_header()):
+            key = unpacker.unpack()
+            if isinstance(key, str) and key in _ROUTING_FIELDS:
+                found[key] = unpacker.unpack()
+            else:
+                unpacker.skip()
+    except (ValueError, TypeError, msgpack.UnpackException):
+        pass
+    return found
+
+
 def _check_version(wire: Mapping[str, Any], what: str) -> None:
     version = wire.get("v")
     if isinstance(version, bool) or not isinstance(version, int):
-        raise ValueError(f"{what} field v (protocol version) must be an integer, got {version!r}")
+        raise ValueError(f"{what} field v (protocol version) must be an integer, got {describe(version)}")
     if version != PROTOCOL_VERSION:
         raise ValueError(f"unsupported protocol version v={version} (this side speaks {PROTOCOL_VERSION})")
 
@@ -300,12 +358,14 @@ def _routing(
     wire: Mapping[str, Any], keys: Keys | None
 ) -> tuple[str | None, str | None, int | None, dict[str, Any] | None]:
     """The job id, reply stream, reply TTL and metadata as far as they are valid, so that an error can
-    be answered (and the metadata echoed)."""
+    be answered (and the metadata echoed). With `keys`, a reply stream is readable only when it is
+    exactly ``{ns}:reply:{client_id}``: a job can never make a worker write into another key."""
     job_id = wire.get("id")
     job_id = job_id if isinstance(job_id, str) and _valid(check_job_id, job_id) else None
     reply_to = wire.get("reply_to")
-    prefix = keys.reply_prefix if keys is not None else ""
-    if not (isinstance(reply_to, str) and reply_to.startswith(prefix) and len(reply_to) > len(prefix)):
+    if keys is not None:
+        reply_to = reply_to if _valid(check_reply_to, reply_to, keys.reply_prefix) else None
+    elif not (isinstance(reply_to, str) and reply_to):
         reply_to = None
     ttl = wire.get("reply_ttl", DEFAULT_REPLY_TTL)
     if isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= MAX_REPLY_TTL:
@@ -315,12 +375,25 @@ def _routing(
     return job_id, reply_to, ttl, metadata
 
 
-def _valid(check: Any, value: Any) -> bool:
+def _valid(check: Any, *args: Any) -> bool:
     try:
-        check(value)
+        check(*args)
     except (TypeError, ValueError):
         return False
     return True
+
+
+def _check_wire_types(wire: Mapping[str, Any], keys: Keys | None) -> None:
+    """What the wire demands beyond the Job dataclass, which also serves Python callers: `stop` is a
+    list (the dataclass takes a lone string), `adapter` is nil or an id (the dataclass reads '' as
+    the base model), and with `keys`, reply_to is a reply stream of that namespace."""
+    _check_version(wire, "job")
+    if keys is not None:
+        check_reply_to(wire.get("reply_to"), keys.reply_prefix)
+    if isinstance(wire.get("stop"), str):
+        raise TypeError("stop must be a list of strings, not a string")
+    if wire.get("adapter") == "":
+        raise ValueError("adapter must be an adapter id or nil, not an empty string")
 
 
 def job_from_wire(wire: Mapping[str, Any], keys: Keys | None = None) -> Job:
@@ -338,11 +411,7 @@ def job_from_wire(wire: Mapping[str, Any], keys: Keys | None = None) -> Job:
         )  # fmt: skip
 
     try:
-        _check_version(wire, "job")
-        if keys is not None and reply_to is None:
-            raise ValueError(
-                f"reply_to must be a key under {keys.reply_prefix!r}, got {wire.get('reply_to')!r}"
-            )
+        _check_wire_types(wire, keys)
         sampling = SamplingParams(**{k: wire[k] for k in SamplingParams.FIELDS if k in wire})
         return Job(
             id=wire.get("id"),  # type: ignore[arg-type]  # checked by Job
@@ -361,11 +430,23 @@ def job_from_wire(wire: Mapping[str, Any], keys: Keys | None = None) -> Job:
         )
     except (TypeError, ValueError) as exc:
         raise fail(str(exc)) from None
+    except RecursionError:  # a check the stack-free rules above missed: still this job's error alone
+        raise fail("the job nests too deeply") from None
 
 
 def decode_job(data: bytes, keys: Keys | None = None) -> Job:
-    """Decode and validate the ``j`` field of a job entry; raises ProtocolError(invalid_request)."""
-    return job_from_wire(_unpack_map(data, "job", MAX_JOB_BYTES), keys)
+    """Decode and validate the ``j`` field of a job entry; raises ProtocolError(invalid_request).
+
+    A job over the size limit is not decoded, but its routing fields are read where they can be, so
+    that it is still answered with an error instead of only dead-lettered.
+    """
+    if isinstance(data, bytes | bytearray | memoryview) and len(data) > MAX_JOB_BYTES:
+        job_id, reply_to, reply_ttl, metadata = _routing(_routing_fields(bytes(data)), keys)
+        raise ProtocolError(
+            ErrorCode.INVALID_REQUEST, f"job is {len(data)} bytes, more than the limit of {MAX_JOB_BYTES}",
+            job_id=job_id, reply_to=reply_to, reply_ttl=reply_ttl, metadata=metadata,
+        )  # fmt: skip
+    return job_from_wire(_unpack_map(data, "job", MAX_JOB_BYTES, **_JOB_DECODING), keys)
 
 
 @dataclass(frozen=True)
@@ -489,7 +570,7 @@ def _reply_from_wire(wire: Mapping[str, Any]) -> Reply | None:
     if kind not in REPLY_TYPES:
         if isinstance(kind, str):
             return None  # a reply type added after this client was written: skipped
-        raise ValueError(f"reply type must be a string, got {kind!r}")
+        raise ValueError(f"reply type must be a string, got {describe(kind)}")
     job_id = check_job_id(wire.get("id"))
     if kind == "result":
         usage, timings = _sub(wire, "usage"), _sub(wire, "timings")

@@ -2,8 +2,9 @@
 
 `SUBMIT` is published verbatim in docs/protocol.md (a test keeps the two equal) so that producers
 in other languages run the very same script. The worker-side scripts (`READ`, `FINAL`, `DEAD`,
-`CHUNKS`) keep the `waiting` index right, make "reply + XACK + XDEL" one step and write a step's
-streamed chunks in one command; `lorafleet.producer.consumer` wraps them. All of them run on
+`CHUNKS`, `FORGET`) keep the `waiting` index right, make "reply + XACK + XDEL" one step, write a
+step's streamed chunks in one command and retire the queues of bad names; `lorafleet.producer.consumer`
+wraps them. All of them run on
 Redis 6.2 and later (exclusive XRANGE bounds need 6.2).
 """
 
@@ -43,13 +44,21 @@ READ = """\
 -- KEYS[1] {ns}:waiting   KEYS[2..n] job streams
 -- ARGV[1] group   ARGV[2] consumer   ARGV[3] COUNT per stream   ARGV[4..] queue of KEYS[2..n]
 -- Returns a flat array: queue, entry id, job bytes, queue, entry id, job bytes, ...
+-- A job stream without the group (written by hand, not by the submit script) gets it, from its first
+-- entry; a queue whose key is missing or not a stream leaves the index.
 local out = {}
 local count = tonumber(ARGV[3])
 for i = 2, #KEYS do
   local queue = ARGV[i + 2]
   local oldest = false
-  if redis.call('EXISTS', KEYS[i]) == 1 then
-    local res = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', count, 'STREAMS', KEYS[i], '>')
+  if redis.call('TYPE', KEYS[i]).ok == 'stream' then
+    local read = {'XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', count, 'STREAMS', KEYS[i], '>'}
+    local res = redis.pcall(unpack(read))
+    if type(res) == 'table' and res.err then
+      if not string.find(res.err, 'NOGROUP', 1, true) then return redis.error_reply(res.err) end
+      redis.call('XGROUP', 'CREATE', KEYS[i], ARGV[1], '0')
+      res = redis.call(unpack(read))
+    end
     local entries = res and res[1][2] or {}
     for _, entry in ipairs(entries) do
       local job = ''
@@ -76,13 +85,28 @@ return out
 
 FINAL = """\
 -- lorafleet final reply, protocol v1: reply, XACK and XDEL in one step
--- KEYS[1] job stream   KEYS[2] reply stream
+-- KEYS[1] job stream   KEYS[2] reply stream   KEYS[3] {ns}:dead
 -- ARGV[1] group   ARGV[2] entry id   ARGV[3] reply (msgpack)   ARGV[4] reply TTL (ms)
--- Returns 1, or 0 (and writes nothing) when the entry was not pending: another worker answered it.
+-- Returns 1; 0 (and writes nothing) when the entry was not pending: another worker answered it;
+-- -1 when the reply stream cannot take the reply (its key holds another type): the job is
+-- dead-lettered instead, so that it never stays acknowledged in its stream.
 if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then
   return 0
 end
-redis.call('XADD', KEYS[2], '*', 'r', ARGV[3])
+local sent = redis.pcall('XADD', KEYS[2], '*', 'r', ARGV[3])
+if type(sent) == 'table' and sent.err then
+  local job = ''
+  local entry = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])[1]
+  if entry then
+    for f = 1, #entry[2], 2 do
+      if entry[2][f] == 'j' then job = entry[2][f + 1] end
+    end
+  end
+  redis.call('XADD', KEYS[3], '*', 'j', job, 'stream', KEYS[1], 'entry', ARGV[2],
+    'reason', 'reply not written to ' .. KEYS[2] .. ': ' .. sent.err, 'deliveries', 0)
+  redis.call('XDEL', KEYS[1], ARGV[2])
+  return -1
+end
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 redis.call('XDEL', KEYS[1], ARGV[2])
 return 1
@@ -108,16 +132,37 @@ DEAD = """\
 -- KEYS[1] job stream   KEYS[2] {ns}:dead   KEYS[3] reply stream (optional)
 -- ARGV[1] group   ARGV[2] entry id   ARGV[3] job bytes   ARGV[4] reason   ARGV[5] deliveries
 -- ARGV[6] reply (msgpack, with KEYS[3])   ARGV[7] reply TTL (ms, with KEYS[3])
--- Returns 1, or 0 (and writes nothing) when the entry was not pending.
+-- Returns 1, or 0 (and writes nothing) when the entry was not pending. A reply the reply stream
+-- cannot take (its key holds another type) is left out and the reason says so.
 if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then
   return 0
 end
-redis.call('XADD', KEYS[2], '*', 'j', ARGV[3], 'stream', KEYS[1], 'entry', ARGV[2],
-  'reason', ARGV[4], 'deliveries', ARGV[5])
+local reason = ARGV[4]
 if KEYS[3] then
-  redis.call('XADD', KEYS[3], '*', 'r', ARGV[6])
-  redis.call('PEXPIRE', KEYS[3], ARGV[7])
+  local sent = redis.pcall('XADD', KEYS[3], '*', 'r', ARGV[6])
+  if type(sent) == 'table' and sent.err then
+    reason = reason .. '; reply not written to ' .. KEYS[3] .. ': ' .. sent.err
+  else
+    redis.call('PEXPIRE', KEYS[3], ARGV[7])
+  end
 end
+redis.call('XADD', KEYS[2], '*', 'j', ARGV[3], 'stream', KEYS[1], 'entry', ARGV[2],
+  'reason', reason, 'deliveries', ARGV[5])
 redis.call('XDEL', KEYS[1], ARGV[2])
+return 1
+"""
+
+FORGET = """\
+-- lorafleet forget a queue, protocol v1: drop a queue from {ns}:queues once its stream holds nothing
+-- KEYS[1] job stream   KEYS[2] {ns}:queues   ARGV[1] queue
+-- Returns 1 when the queue was dropped (an empty job stream is deleted), 0 when entries remain.
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind == 'stream' then
+  if redis.call('XLEN', KEYS[1]) > 0 then
+    return 0
+  end
+  redis.call('DEL', KEYS[1])
+end
+redis.call('SREM', KEYS[2], ARGV[1])
 return 1
 """

@@ -28,7 +28,6 @@ from lorafleet.producer.protocol import (
     Result,
     Timings,
     Usage,
-    decode_job,
     encode_reply,
 )
 
@@ -119,7 +118,7 @@ class MinimalWorker:
     def process(self, r: redis.Redis, delivery: consumer.Delivery) -> None:
         """Answer one delivered job."""
         try:
-            job = decode_job(delivery.payload, self.keys)
+            job = consumer.decode_delivery(delivery, self.keys)
         except ProtocolError as exc:
             self.processed.append(exc.job_id or delivery.entry_id)
             consumer.reject(r, self.keys, delivery, exc, worker=self.name)

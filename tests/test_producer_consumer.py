@@ -180,6 +180,27 @@ def test_a_chunk_for_a_broken_reply_stream_does_not_stop_the_others(redis_client
     assert redis_client.get(broken) == b"not a stream"
 
 
+def test_a_final_reply_the_server_refuses_does_not_stop_the_rest_of_the_batch(redis_url, redis_client):
+    """A server error answers one reply of a batch: the replies after it still go out, the failure
+    is reported, and the batch does not raise (it was sent; a retry would repeat the rest)."""
+    with Producer(redis_url) as producer:
+        handle = producer.submit("fine")
+        (delivery,) = consumer.read_jobs(redis_client, KEYS, ["~base"], "w1")
+        job = decode_job(delivery.payload, KEYS)
+        broken = KEYS.jobs("broken")
+        redis_client.set(broken, "not a stream")  # XACK on it is a server error
+        batch = consumer.ReplyBatch()
+        batch.final(broken, "1-1", Result(id="other", text="x"), reply_to=job.reply_to, reply_ttl=30)
+        batch.final(delivery.stream, delivery.entry_id, Result(id=job.id, text="ok"),
+                    reply_to=job.reply_to, reply_ttl=30)  # fmt: skip
+        batch.flush(redis_client)
+        assert handle.result(timeout=5).text == "ok"
+    (failure,) = batch.failures
+    assert broken in failure
+    assert "WRONGTYPE" in failure
+    assert len(batch) == 0
+
+
 def test_dead_letter_with_and_without_reply(redis_url, redis_client):
     with Producer(redis_url) as producer:
         handle = producer.submit("poison", adapter="a")

@@ -324,7 +324,7 @@ def test_entry_time():
 # -- docs/protocol.md -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["SUBMIT", "READ", "FINAL", "DEAD", "CHUNKS"])
+@pytest.mark.parametrize("name", ["SUBMIT", "READ", "FINAL", "DEAD", "CHUNKS", "FORGET"])
 def test_docs_publish_the_scripts_verbatim(name):
     match = re.search(rf"<!-- script:{name} -->\n```lua\n(.*?)```", DOC.read_text(), re.DOTALL)
     assert match is not None, f"docs/protocol.md has no script:{name} block"

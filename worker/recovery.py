@@ -13,36 +13,33 @@ from typing import Any
 
 import redis
 
-from lorafleet.producer.consumer import Delivery
-from lorafleet.producer.keys import Keys
+from lorafleet.producer.consumer import Delivery, job_field
+from lorafleet.producer.keys import Keys, check_queue
 
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _job_field(fields: Any) -> bytes:
-    # fields: flat [name, value, ...] (RESP2) or a mapping (RESP3)
-    pairs = fields.items() if isinstance(fields, dict) else zip(fields[::2], fields[1::2], strict=True)
-    for name, value in pairs:
-        if _text(name) == "j":
-            return bytes(value)
-    return b""
-
-
 def claim_stale(
     r: redis.Redis, keys: Keys, consumer: str, visibility_timeout: float, limit: int
-) -> list[tuple[Delivery, int]]:
-    """Claim up to `limit` jobs idle past the visibility timeout: [(delivery, delivery count)].
+) -> tuple[list[tuple[Delivery, int]], list[bytes]]:
+    """Claim up to `limit` jobs idle past the visibility timeout: [(delivery, delivery count)], and
+    the raw names in the queue index that are not valid queue names (for `purge_queue`).
 
     Entries deleted while pending (Redis 6.2 returns them as nil) are dropped from the list.
     """
     claimed: list[tuple[Delivery, int]] = []
+    bad: list[bytes] = []
     min_idle = int(visibility_timeout * 1000)
     for raw_queue in r.smembers(keys.queues):
         if len(claimed) >= limit:
             break
-        queue = _text(raw_queue)
+        try:
+            queue = check_queue(raw_queue)
+        except (TypeError, ValueError):
+            bad.append(raw_queue if isinstance(raw_queue, bytes) else str(raw_queue).encode())
+            continue
         stream = keys.jobs_of_queue(queue)
         try:
             reply = r.execute_command(
@@ -56,8 +53,8 @@ def claim_stale(
         counts = _delivery_counts(r, keys, stream, [_text(e[0]) for e in entries])
         for entry in entries:
             entry_id = _text(entry[0])
-            claimed.append((Delivery(queue, stream, entry_id, _job_field(entry[1])), counts.get(entry_id, 1)))
-    return claimed
+            claimed.append((Delivery(queue, stream, entry_id, job_field(entry[1])), counts.get(entry_id, 1)))
+    return claimed, bad
 
 
 def _delivery_counts(r: redis.Redis, keys: Keys, stream: str, entry_ids: list[str]) -> dict[str, int]:

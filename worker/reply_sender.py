@@ -10,8 +10,9 @@ loop checks cancellations after step N + 1.
 
 A batch that fails on a lost connection is kept and sent again once Redis answers (final replies are
 idempotent: the FINAL script writes nothing for a job already acknowledged; chunks may repeat, which
-clients drop), so a Redis outage loses no reply. Any other error is logged and the batch dropped: its
-jobs stay pending and are answered again after the visibility timeout.
+clients drop), so a Redis outage loses no reply. A server error of one reply is logged and does not
+stop the others; any other error is logged and the batch dropped. Either way the jobs not answered
+stay pending and are answered again after the visibility timeout.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class ReplySender:
     def _send(self, batch: ReplyBatch) -> list[Any] | None:
         while True:
             try:
-                return batch.flush(self._redis, self._read_keys)
+                values = batch.flush(self._redis, self._read_keys)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 with self._cond:
                     if self._closed:
@@ -98,6 +99,10 @@ class ReplySender:
                         return None
                 log.warning("redis unavailable, replies kept", error=str(exc), replies=len(batch))
                 time.sleep(RETRY_S)
+                continue
             except Exception:  # a bug or a server error: the jobs stay pending, others answer them
                 log.exception("replies dropped", replies=len(batch))
                 return None
+            for failure in batch.failures:  # one reply each; the rest of the batch was sent
+                log.error("reply not sent", error=failure)
+            return values

@@ -30,11 +30,14 @@ from lorafleet.producer.consumer import (
     Delivery,
     ReplyBatch,
     dead_letter,
+    decode_delivery,
     publish_final,
+    purge_queue,
     read_jobs,
+    read_waiting,
     reject,
+    routing_of,
     wait_for_work,
-    waiting_queues,
     wake_position,
 )
 from lorafleet.producer.errors import ProtocolError
@@ -48,7 +51,6 @@ from lorafleet.producer.protocol import (
     Result,
     Timings,
     Usage,
-    decode_job,
 )
 from lorafleet.worker import fleet
 from lorafleet.worker.adapter_manager import AdapterManager, AdapterNotFound, AdapterPending
@@ -124,6 +126,11 @@ class ParkedJob:
     delivery: Delivery
     job: Job
     received_at: float
+
+
+def _shown(raw_queue: bytes) -> str:
+    """A queue name as a log line shows it: the first 200 bytes, anything not UTF-8 escaped."""
+    return raw_queue[:200].decode(errors="backslashreplace")
 
 
 def stop_prefix_len(text: str, stops: Sequence[str]) -> int:
@@ -273,15 +280,17 @@ class Worker:
         free = self._free_slots()
         if free <= 0:
             return False
-        waiting = waiting_queues(self.redis, self.keys)
+        waiting, bad = read_waiting(self.redis, self.keys)
+        self._purge(bad)
         if not waiting:
             return False
         pipe = self.redis.pipeline(transaction=False)
         for queue, _ in waiting:
             pipe.xlen(self.keys.jobs_of_queue(queue))
-        lengths = pipe.execute()
+        # (a queue key of another type answers an error: counted as one job; its read drops it)
+        lengths = [0 if isinstance(n, Exception) else int(n) for n in pipe.execute(raise_on_error=False)]
         queues = [
-            AdapterQueue(adapter_of_queue(q), oldest, max(1, int(n) - self._running_on(q)))
+            AdapterQueue(adapter_of_queue(q), oldest, max(1, n - self._running_on(q)))
             for (q, oldest), n in zip(waiting, lengths, strict=True)
         ]
         adapters = self._local_adapters()
@@ -311,6 +320,21 @@ class Worker:
             self.accept_many(deliveries, now)
             took = took or bool(deliveries)
         return took
+
+    def _purge(self, raw_queues: list[bytes]) -> None:
+        """Retire queues whose names are not valid (a producer skipped the checks): their jobs are
+        dead-lettered, answered where they can be; the queue leaves the indexes once empty."""
+        for raw in raw_queues:
+            try:
+                purged = purge_queue(
+                    self.redis, self.keys, raw, self.config.name,
+                    min_idle=self.config.visibility_timeout, worker=self.config.name,
+                )  # fmt: skip
+            except redis.ResponseError as exc:  # this queue alone; the others go on
+                self.log.error("bad queue not purged", queue=_shown(raw), error=str(exc))
+                continue
+            self.metrics.dead_letters.inc(purged)
+            self.log.warning("bad queue purged", queue=_shown(raw), jobs=purged)
 
     def _local_adapters(self) -> dict[str, ResidentAdapter]:
         """This worker's adapter slots as the scheduler sees them: loaded or loading.
@@ -351,16 +375,26 @@ class Worker:
         decoded: list[tuple[Delivery, Job]] = []
         for delivery in deliveries:
             try:
-                decoded.append((delivery, decode_job(delivery.payload, self.keys)))
+                decoded.append((delivery, decode_delivery(delivery, self.keys)))
             except ProtocolError as exc:
                 self.metrics.errors.labels(code=exc.code).inc()
-                reject(self.redis, self.keys, delivery, exc, worker=self.config.name)
+                self._reject(delivery, exc)
         if not decoded:
             return
         markers = self.redis.mget([self.keys.cancel(job.id) for _, job in decoded])
         resolved: dict[str, str | None] = {}  # adapter id -> engine key, for this batch
         for (delivery, job), marker in zip(decoded, markers, strict=True):
             self._start_or_fail(delivery, job, now, cancelled=marker is not None, resolved=resolved)
+
+    def _reject(self, delivery: Delivery, error: ProtocolError) -> None:
+        """Answer a job that cannot run (or dead-letter it). A server error concerns this job alone:
+        it stays pending, comes back after the visibility timeout, and is dead-lettered in the end."""
+        try:
+            reject(self.redis, self.keys, delivery, error, worker=self.config.name)
+        except redis.ResponseError as exc:
+            self.log.error(
+                "bad job not answered", entry=delivery.entry_id, queue=delivery.queue, error=str(exc)
+            )
 
     def _start_or_fail(
         self,
@@ -720,9 +754,10 @@ class Worker:
         if free <= 0:
             return
         held = {(d.stream, d.entry_id) for d in self._held_deliveries()}
-        for delivery, deliveries in claim_stale(
-            self.redis, self.keys, self.config.name, self.config.visibility_timeout, free
-        ):
+        timeout = self.config.visibility_timeout
+        claimed, bad = claim_stale(self.redis, self.keys, self.config.name, timeout, free)
+        self._purge(bad)
+        for delivery, deliveries in claimed:
             if (delivery.stream, delivery.entry_id) in held:  # its own job, claim gone stale: kept
                 continue
             self.metrics.redeliveries.inc()
@@ -735,20 +770,18 @@ class Worker:
     def _dead_letter(self, delivery: Delivery, deliveries: int) -> None:
         reason = f"delivered {deliveries} times (max_deliveries {self.config.max_deliveries})"
         self.metrics.dead_letters.inc()
-        try:
-            job = decode_job(delivery.payload, self.keys)
-        except ProtocolError:
-            dead_letter(self.redis, self.keys, delivery, reason, deliveries=deliveries)
-            return
-        reply = ErrorReply.of(
-            job.id, ErrorCode.WORKER_ERROR, reason, retryable=False, worker=self.config.name,
-            metadata=job.metadata,
-        )  # fmt: skip
+        job_id, reply_to, reply_ttl, metadata = routing_of(delivery.payload, self.keys)
+        reply = None
+        if job_id is not None and reply_to is not None:
+            reply = ErrorReply.of(
+                job_id, ErrorCode.WORKER_ERROR, reason, retryable=False, worker=self.config.name,
+                metadata=metadata,
+            )  # fmt: skip
+        self.log.warning("dead-lettered", job=job_id, adapter=delivery.adapter, deliveries=deliveries)
         dead_letter(
             self.redis, self.keys, delivery, reason, deliveries=deliveries, reply=reply,
-            reply_to=job.reply_to, reply_ttl=job.reply_ttl,
+            reply_to=reply_to, reply_ttl=reply_ttl,
         )  # fmt: skip
-        self.log.warning("dead-lettered", job=job.id, adapter=job.adapter, deliveries=deliveries)
 
     def _heartbeat(self, now: float) -> None:
         horizon = now - 10.0
