@@ -29,6 +29,7 @@ A worker loop, in short::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -230,7 +231,12 @@ def publish_final(
 
 def _dead_of(stream: str) -> str:
     """The dead-letter stream of the namespace of a job stream (queue names hold no ':')."""
-    return Keys(stream[: stream.rindex(":jobs:")]).dead
+    return _dead_stream(stream[: stream.rindex(":jobs:")])
+
+
+@functools.lru_cache(maxsize=16)
+def _dead_stream(namespace: str) -> str:
+    return Keys(namespace).dead  # (once per namespace: every final reply needs it)
 
 
 def _final_call(
@@ -376,11 +382,13 @@ def purge_queue(
     # puts it back); entries another consumer left pending are claimed once idle.
     flat = _run(r, _READ, [keys.waiting, stream], [keys.group, consumer, count, raw_queue])
     entries = [(bytes(flat[i + 1]), bytes(flat[i + 2])) for i in range(0, len(flat), 3)]
-    if r.type(stream) in (b"stream", "stream"):
+    try:
         claimed = r.execute_command(
             "XAUTOCLAIM", stream, keys.group, consumer, int(min_idle * 1000), "0-0", "COUNT", count
         )
-        entries += [(bytes(e[0]), job_field(e[1])) for e in claimed[1] if e is not None and e[1] is not None]
+    except ResponseError:  # no stream or group (any more: another worker retired the queue first)
+        claimed = [b"0-0", []]
+    entries += [(bytes(e[0]), job_field(e[1])) for e in claimed[1] if e is not None and e[1] is not None]
     for entry_id, payload in entries:
         _dead_letter_raw(r, keys, stream, entry_id, payload, why, worker)
     _run(r, _FORGET, [stream, keys.queues], [raw_queue])
