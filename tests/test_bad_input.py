@@ -301,3 +301,26 @@ def test_the_bad_input_paths_run_on_the_redis_6_2_baseline(
         assert job_streams_empty(client)
     finally:
         made._shutdown()
+
+
+def test_a_job_whose_replies_cannot_be_made_fails_alone(worker, redis_client, monkeypatch):
+    """Any exception while answering one job concerns that job alone: it ends with worker_error,
+    and the other jobs of the same steps are answered."""
+    on_tokens = worker._on_tokens
+
+    def broken_for_one(job, output, now):
+        if job.job.id == "cursed":
+            raise RuntimeError("cannot pack this job's reply")
+        on_tokens(job, output, now)
+
+    monkeypatch.setattr(worker, "_on_tokens", broken_for_one)
+    submit_raw(redis_client, job("cursed", max_new_tokens=4))
+    submit_raw(redis_client, job("blessed", max_new_tokens=4))
+    turn_until(worker, lambda: {"cursed", "blessed"} <= set(replies(redis_client)))
+    reply = error_of(redis_client, "cursed")
+    assert reply.code == ErrorCode.WORKER_ERROR
+    assert "cannot pack" in reply.message
+    assert isinstance(replies(redis_client)["blessed"][0], Result)
+    turn_until(worker, lambda: not worker.engine.has_unfinished())
+    assert worker.running == {}
+    assert job_streams_empty(redis_client)

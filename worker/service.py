@@ -13,6 +13,7 @@ handed back for other workers to claim at once.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -585,9 +586,12 @@ class Worker:
                         self.engine.pop_output(output.request_id)
                     continue
                 tokens += len(output.new_token_ids)
-                self._on_tokens(job, output, now)
-                if output.finished:
-                    self._finish(output.request_id, job, now)
+                try:
+                    self._on_tokens(job, output, now)
+                    if output.finished:
+                        self._finish(output.request_id, job, now)
+                except Exception as exc:  # this job alone: the others of the step are answered
+                    self._abandon(output, job, exc, now)
         finally:
             replies, self._replies = self._replies, None
             self._sender.submit(replies)  # sent while the next step runs
@@ -595,6 +599,19 @@ class Worker:
             self._hand_backs = 0
         self._tokens_window.append((now, tokens))
         self.metrics.tokens.inc(tokens)
+
+    def _abandon(self, output: StepOutput, job: RunningJob, exc: Exception, now: float) -> None:
+        """A job whose tokens could not be turned into replies (a bug): it ends with worker_error and
+        leaves the engine (at the next step, where it is reported aborted, if it was still running)."""
+        self.log.exception("job failed while answering", job=job.job.id, adapter=job.job.adapter)
+        if output.request_id in self.running:
+            self._drop_running(output.request_id, job, now)
+        if not output.finished:
+            self.engine.abort(output.request_id)
+        else:  # (already taken, or taking it is what failed: either way the engine holds it no more)
+            with contextlib.suppress(Exception):
+                self.engine.pop_output(output.request_id)
+        self._fail(job.delivery, job.job, ErrorCode.WORKER_ERROR, f"{type(exc).__name__}: {exc}")
 
     def _step_failed(self, exc: Exception) -> NoReturn:
         """Count a failed engine step; after several in a row hand the running jobs back, and after
