@@ -151,3 +151,16 @@ def test_bad_interval_is_refused():
 
     assert done.returncode == 2
     assert "--interval" in done.stderr
+
+
+def test_status_shows_queue_names_that_are_not_utf8_or_huge(redis_client):
+    """A producer that skipped the checks can leave such a name until a worker retires it: the
+    status must still show the fleet."""
+    keys = Keys()
+    for raw in (b"\xff\xfe", b"q" * 100_000, b"team-1"):
+        redis_client.sadd(keys.queues, raw)
+        redis_client.xadd(keys.jobs_prefix.encode() + raw, {"j": b"x"})
+    rows = {row["queue"]: row for row in fleet_status(redis_client, keys)["queues"]}
+    assert rows["\\xff\\xfe"]["waiting"] == 1
+    assert rows["team-1"]["waiting"] == 1
+    assert rows["q" * 200]["waiting"] == 1  # shown cut to 200 characters

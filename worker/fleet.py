@@ -114,18 +114,21 @@ def fleet_status(r: redis.Redis, keys: Keys) -> dict[str, Any]:
     """Workers, waiting jobs per queue (count and oldest age), and dead letters, for `lorafleet status`."""
     now = time.time()
     workers = live_workers(r, keys)
-    queues = sorted(q.decode() for q in r.smembers(keys.queues))  # type: ignore[union-attr]
+    # Raw names: a producer that skipped the checks may have left one that is not UTF-8 (or huge)
+    # until a worker retires it; keys are built from the bytes, the table shows a readable cut.
+    raw_queues: list[bytes] = sorted(r.smembers(keys.queues))  # type: ignore[arg-type]
     waiting_scores = dict(r.zrange(keys.waiting, 0, -1, withscores=True))  # type: ignore[arg-type]
     pipe = r.pipeline(transaction=False)
-    for queue in queues:
-        pipe.xlen(keys.jobs_of_queue(queue))
-        pipe.xpending(keys.jobs_of_queue(queue), keys.group)
+    for raw in raw_queues:
+        pipe.xlen(keys.jobs_prefix.encode() + raw)
+        pipe.xpending(keys.jobs_prefix.encode() + raw, keys.group)
     replies = pipe.execute(raise_on_error=False)
     rows = []
-    for i, queue in enumerate(queues):
+    for i, raw in enumerate(raw_queues):
+        queue = raw[:200].decode(errors="backslashreplace")
         length, pending = replies[2 * i], replies[2 * i + 1]
         pending_count = pending["pending"] if isinstance(pending, dict) else 0
-        score = waiting_scores.get(queue.encode())
+        score = waiting_scores.get(raw)
         rows.append({
             "queue": queue,
             "adapter": adapter_of_queue(queue),

@@ -79,6 +79,8 @@ log = structlog.get_logger("lorafleet.worker")
 # Running jobs' cancel markers are read when {ns}:cancels moves and at least this often (seconds), for
 # producers that set a marker without bumping the counter (docs/protocol.md, "Cancelling").
 CANCEL_POLL_S = 1.0
+# Bad queue names retired per call of the loop (a few round trips each).
+PURGES_PER_TURN = 16
 # Engine steps that fail in a row before the running jobs are handed back to the queue: a step that
 # keeps failing (out of memory on a prefill, say) would otherwise hold them, their claims refreshed,
 # forever. Handed back, they run again elsewhere, and one that fails everywhere is dead-lettered.
@@ -324,8 +326,10 @@ class Worker:
 
     def _purge(self, raw_queues: list[bytes]) -> None:
         """Retire queues whose names are not valid (a producer skipped the checks): their jobs are
-        dead-lettered, answered where they can be; the queue leaves the indexes once empty."""
-        for raw in raw_queues:
+        dead-lettered, answered where they can be; the queue leaves the indexes once empty. At most
+        PURGES_PER_TURN a turn, so that a flood of bad names delays the running jobs' steps by
+        little; the rest are found again on the next turns."""
+        for raw in raw_queues[:PURGES_PER_TURN]:
             try:
                 purged = purge_queue(
                     self.redis, self.keys, raw, self.config.name,
