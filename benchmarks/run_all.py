@@ -20,6 +20,7 @@ CPU_BENCHMARKS = [
     "bench_adapters.py",
     "bench_worker_overhead.py",
     "bench_engine_host.py",
+    "chaos.py",
 ]
 GPU_BENCHMARKS = ["bench_kernels.py", "bench_attention.py", "bench_engine.py"]
 

@@ -16,20 +16,22 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import chaos
+import chaos_fleet
+import chaos_harness
 import fuzz_jobs
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """The synthetic model and adapters, written once for the module."""
-    return chaos.write_assets(tmp_path_factory.mktemp("chaos-assets"))
+    return chaos_fleet.write_assets(tmp_path_factory.mktemp("chaos-assets"))
 
 
 @pytest.fixture
 def settings(assets, tmp_path, redis_server_factory):
     """Test sizes; every scenario gets a dedicated server (AOF when it asks), stopped at teardown."""
     return replace(
-        chaos.Settings(assets=assets, workdir=tmp_path).quick(),
+        chaos_fleet.Settings(assets=assets, workdir=tmp_path).quick(),
         stall=10.0,
         redis_factory=lambda appendonly: redis_server_factory(appendonly=appendonly),
     )
@@ -38,7 +40,7 @@ def settings(assets, tmp_path, redis_server_factory):
 def assert_invariants(row, contract=False):
     """Every invariant figure of the row is 0, and with `contract` every fuzz entry ended as
     docs/protocol.md says; the message holds the row (without per-kind detail) and the wrong cases."""
-    broken = chaos.violations(row)
+    broken = chaos_harness.violations(row)
     wrong = {kind: k["cases"] for kind, k in row.get("fuzz_kinds", {}).items() if contract and k["cases"]}
     summary = {k: v for k, v in row.items() if k != "fuzz_kinds"}
     failures = {"broken": broken, "outcomes against the contract": wrong}
