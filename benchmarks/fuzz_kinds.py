@@ -288,12 +288,7 @@ def _stop_string(c: _Ctx) -> FuzzEntry:
 def _bad_version(c: _Ctx) -> FuzzEntry:
     cases: dict[str, Any] = {"2": 2, "'1'": "1", "1.0": 1.0, "true": True, "missing": None, "0": 0}
     variant = c.rng.choice(sorted(cases))
-    job = c.job()
-    if cases[variant] is None:
-        del job["v"]
-    else:
-        job["v"] = cases[variant]
-    return c.entry("bad_version", variant, Expect.ERROR, job)
+    return c.entry("bad_version", variant, Expect.ERROR, _set_or_drop(c.job(), "v", cases[variant]))
 
 
 def _entry_fields(c: _Ctx) -> FuzzEntry:
@@ -318,12 +313,16 @@ def _bad_id(c: _Ctx) -> FuzzEntry:
         "nil": Raw(b"\xc0"),
     }  # fmt: skip
     variant = c.rng.choice(sorted(cases))
-    job = c.job()
-    if cases[variant] is None:
-        del job["id"]
+    return c.entry("bad_id", variant, Expect.DEAD, _set_or_drop(c.job(), "id", cases[variant]))
+
+
+def _set_or_drop(job: dict[str, Any], field: str, value: Any) -> dict[str, Any]:
+    """The job with `field` set to `value`, or left out when `value` is None."""
+    if value is None:
+        del job[field]
     else:
-        job["id"] = cases[variant]
-    return c.entry("bad_id", variant, Expect.DEAD, job)
+        job[field] = value
+    return job
 
 
 def _no_group(c: _Ctx) -> FuzzEntry:
