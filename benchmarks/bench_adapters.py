@@ -42,20 +42,21 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test S3 server
 from common import RESULTS_DIR, machine_info, print_table
+from s3_server import ACCESS_KEY, REGION, SECRET_KEY
 
-from lorafleet.worker import synthetic
-from lorafleet.worker.adapter_manager import AdapterManager, AdapterRef
-from lorafleet.worker.adapters import AdapterSlots, LoraAdapter, parse_adapter, read_adapter_dir
-from lorafleet.worker.control_client import upload_version
-from lorafleet.worker.disk_cache import DiskCache
-from lorafleet.worker.engine import Engine, EngineConfig
-from lorafleet.worker.model import DecoderModel, ModelSpec
-from lorafleet.worker.redis_server import free_port
-from lorafleet.worker.s3_server import ACCESS_KEY, REGION, SECRET_KEY
-from lorafleet.worker.sequence import GenerationRequest
-from lorafleet.worker.store import Store, open_store
-from lorafleet.worker.store_settings import StoreSettings
+from lorafleet.worker.adapters.control_client import upload_version
+from lorafleet.worker.adapters.disk_cache import DiskCache
+from lorafleet.worker.adapters.manager import AdapterManager, AdapterRef
+from lorafleet.worker.cli.redis_server import free_port
+from lorafleet.worker.engine import synthetic
+from lorafleet.worker.engine.engine import Engine, EngineConfig
+from lorafleet.worker.engine.lora import AdapterSlots, LoraAdapter, parse_adapter, read_adapter_dir
+from lorafleet.worker.engine.model import DecoderModel, ModelSpec
+from lorafleet.worker.engine.sequence import GenerationRequest
+from lorafleet.worker.store.settings import StoreSettings
+from lorafleet.worker.store.store import Store, open_store
 
 RANK = 16
 MAX_RANK = 64

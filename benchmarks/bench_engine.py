@@ -27,10 +27,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, print_table, write_results
 
-from lorafleet.worker import synthetic
-from lorafleet.worker.engine import Engine, EngineConfig
-from lorafleet.worker.model import DecoderModel
-from lorafleet.worker.sequence import GenerationRequest
+from lorafleet.worker.engine import synthetic
+from lorafleet.worker.engine.engine import Engine, EngineConfig
+from lorafleet.worker.engine.model import DecoderModel
+from lorafleet.worker.engine.sequence import GenerationRequest
 
 PROMPT_LEN = 128
 RANK = 16

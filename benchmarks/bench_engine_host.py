@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 from common import print_table, write_results
 
-from lorafleet.worker import synthetic
-from lorafleet.worker.engine import Engine, GenerationRequest
+from lorafleet.worker.engine import synthetic
+from lorafleet.worker.engine.engine import Engine, GenerationRequest
 
 
 def run_case(engine: Engine, batch: int, prompt_len: int, new_tokens: int, stop: list[str]) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from lorafleet.producer import (
     scripts,
 )
 from lorafleet.producer.spec import build_job
-from lorafleet.worker.redis_server import RedisServer
+from lorafleet.worker.cli.redis_server import RedisServer
 
 PROMPT = "Summarise the following support ticket in one sentence: " + "the printer is on fire again. " * 5
 ADAPTERS = [f"adapter-{i}" for i in range(8)]

@@ -1,4 +1,4 @@
-"""The admission policy in a simulated fleet: `lorafleet.worker.scheduler` vs FIFO on one shared stream
+"""The admission policy in a simulated fleet: `lorafleet.worker.serve.scheduler` vs FIFO on one shared stream
 with LRU adapter eviction, on the same arrivals (see benchmarks/simulator.py for the model).
 
 For each number of GPU adapter slots per worker it runs both policies at the target load and checks
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, print_table, write_results
 from simulator import POLICIES, PerfModel, Workload, run_many
 
-from lorafleet.worker.scheduler import SchedulerConfig
+from lorafleet.worker.serve.scheduler import SchedulerConfig
 
 COLUMNS = [
     "adapter_slots",

@@ -46,11 +46,11 @@ import torch
 from common import RESULTS_DIR, print_table, write_results
 
 from lorafleet.producer import Producer
-from lorafleet.worker import synthetic
-from lorafleet.worker.config import WorkerConfig
-from lorafleet.worker.logs import configure_logging
-from lorafleet.worker.redis_server import RedisServer
-from lorafleet.worker.service import Worker
+from lorafleet.worker.cli.redis_server import RedisServer
+from lorafleet.worker.engine import synthetic
+from lorafleet.worker.serve.config import WorkerConfig
+from lorafleet.worker.serve.logs import configure_logging
+from lorafleet.worker.serve.worker import Worker
 
 
 def gpu_decode_step_ms(batch: int = 64) -> tuple[float | None, str | None]:

@@ -56,7 +56,7 @@ from chaos_harness import (
 )
 from common import print_table, write_results
 
-from lorafleet.worker.redis_server import RedisServer
+from lorafleet.worker.cli.redis_server import RedisServer
 
 # The processes (assets, settings, worker fleet) are in chaos_fleet.py; the ledger, the audit and a
 # scenario's stage in chaos_harness.py. This module holds the scenarios and the program.
@@ -169,7 +169,8 @@ def held_jobs(st: Stage, consumer: str, entries: dict[str, str]) -> list[str]:
 def store_outage(settings: Settings) -> dict[str, Any]:
     """The S3 adapter store goes away mid-run and comes back: jobs for adapters no worker has cached
     wait for it, or end with deadline_exceeded when their deadline passes first; none is lost."""
-    from lorafleet.worker.s3_server import S3Server
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test S3 server
+    from s3_server import S3Server
 
     started = time.monotonic()
     rng = random.Random(settings.seed + 3)
@@ -223,8 +224,8 @@ def outage_codes(ledger: Ledger, specs: Sequence[dict[str, Any]]) -> dict[str, d
 
 def upload_adapters(s3: Any, settings: Settings) -> str:
     """Put ADAPTERS in a bucket of the S3 server, in the plain layout workers read; return the store URI."""
-    from lorafleet.worker.adapter_files import ADAPTER_FILES, plain_key
-    from lorafleet.worker.store import open_store
+    from lorafleet.worker.adapters.files import ADAPTER_FILES, plain_key
+    from lorafleet.worker.store.store import open_store
 
     s3.create_bucket("chaos")
     uri = "s3://chaos/adapters"

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from lorafleet.worker.redis_server import RedisServer
+from lorafleet.worker.cli.redis_server import RedisServer
 
 NAMESPACE = "chaos"
 ADAPTERS = ("chaos-0", "chaos-1", "chaos-2", "chaos-3")
@@ -49,7 +49,7 @@ def write_assets(root: Path, seed: int = 0) -> Assets:
     """Write the tiny model (2048 positions, so that a drain's jobs can run for seconds) and ADAPTERS."""
     from transformers.utils import logging as hf_logging  # torch: only when assets are written
 
-    from lorafleet.worker import synthetic
+    from lorafleet.worker.engine import synthetic
 
     hf_logging.disable_progress_bar()  # "Writing model shards" in the middle of the table
     model = synthetic.write_model(root / "model", "llama", "tiny", seed=seed, max_position_embeddings=2048)

@@ -27,7 +27,7 @@ import redis
 from chaos_fleet import ADAPTERS, NAMESPACE, Fleet, Settings, turn_failures, warnings_by_event
 
 from lorafleet.producer import JobHandle, Keys, Producer
-from lorafleet.worker.redis_server import RedisServer
+from lorafleet.worker.cli.redis_server import RedisServer
 
 # The Counts figures that must be 0 in every row (chaos.py's docstring says what each one counts).
 INVARIANTS = (

@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import PROMPT_LEN, add_requests
 from common import print_table, write_results
 
-from lorafleet.worker import synthetic
-from lorafleet.worker.engine import Engine, EngineConfig
-from lorafleet.worker.model import DecoderModel
+from lorafleet.worker.engine import synthetic
+from lorafleet.worker.engine.engine import Engine, EngineConfig
+from lorafleet.worker.engine.model import DecoderModel
 
 RANK = 16
 

@@ -4,7 +4,7 @@ W workers, each with S sequence slots and C GPU adapter slots, serve Poisson arr
 adapters follow a Zipf popularity over A adapters. Every engine step a worker finishes one token of
 each running sequence whose adapter is loaded, then asks its admission policy what to admit:
 
-  ours      the real `lorafleet.worker.scheduler.Scheduler`, fed what a worker reads from Redis
+  ours      the real `lorafleet.worker.serve.scheduler.Scheduler`, fed what a worker reads from Redis
             (per-adapter queues, the fleet directory, load leases), its plan carried out the way
             the worker does: take the lease (skip on refusal), evict, load, read up to max_jobs.
   fifo-lru  the baseline, a plain shared queue: each worker reads the oldest jobs whatever their
@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from lorafleet.worker.scheduler import (
+from lorafleet.worker.serve.scheduler import (
     AdapterQueue,
     FleetView,
     LocalState,

@@ -1,7 +1,7 @@
 """The `lorafleet` command line.
 
 Producer commands (`submit`) need only the base install. Worker-side commands (`worker`, `demo`,
-`status`, `adapters`, ...) are registered by `lorafleet.worker.cli` when the `worker` extra is
+`status`, `adapters`, ...) are registered by `lorafleet.worker.cli.main` when the `worker` extra is
 installed; without it they answer with the install command instead of a traceback.
 """
 
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register_submit(commands)
     try:
-        from lorafleet.worker.cli import register as register_worker_commands
+        from lorafleet.worker.cli.main import register as register_worker_commands
     except ImportError as exc:
         _register_missing_worker(commands, exc)
     else:

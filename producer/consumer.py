@@ -53,7 +53,7 @@ from lorafleet.producer.protocol import (
     encode_reply,
     entry_time,
 )
-from lorafleet.producer.streams import xrange_entries, xread_entries
+from lorafleet.producer.streams import text, xrange_entries, xread_entries
 
 
 @dataclass(frozen=True)
@@ -80,10 +80,6 @@ def _run(r: redis.Redis, script: _Lua, keys: Sequence[str | bytes], args: Sequen
         return r.evalsha(script.sha, len(keys), *keys, *args)
     except NoScriptError:
         return r.eval(script.text, len(keys), *keys, *args)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 @dataclass(frozen=True)
@@ -170,8 +166,8 @@ def read_jobs(
     flat = _run(r, _READ, [keys.waiting, *streams], [keys.group, consumer, count, *queues])
     out = []
     for i in range(0, len(flat), 3):
-        queue = _text(flat[i])
-        out.append(Delivery(queue, keys.jobs_of_queue(queue), _text(flat[i + 1]), bytes(flat[i + 2])))
+        queue = text(flat[i])
+        out.append(Delivery(queue, keys.jobs_of_queue(queue), text(flat[i + 1]), bytes(flat[i + 2])))
     return out
 
 

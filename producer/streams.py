@@ -13,6 +13,11 @@ from typing import Any
 Entry = tuple[bytes, dict[bytes, bytes]]
 
 
+def text(value: Any) -> str:
+    """A Redis reply value as text: bytes decoded as UTF-8, anything else through str()."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _as_bytes(value: Any) -> bytes:
     return value.encode() if isinstance(value, str) else bytes(value)
 

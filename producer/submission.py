@@ -19,6 +19,7 @@ from lorafleet.producer.keys import Keys, queue_name
 from lorafleet.producer.protocol import Job, encode_job
 from lorafleet.producer.resp import bulk
 from lorafleet.producer.spec import build_job
+from lorafleet.producer.streams import text
 
 H = TypeVar("H")
 
@@ -104,17 +105,13 @@ class SubmitPacker:
         )
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def parse_answer(answer: Sequence[Any], job: Job, limit: int) -> Accepted:
     """Interpret the submit script's reply; raises QueueFull for ``{'full', length}``."""
-    status = _text(answer[0])
+    status = text(answer[0])
     if status == "ok":
-        return Accepted(_text(answer[1]), duplicate=False)
+        return Accepted(text(answer[1]), duplicate=False)
     if status == "duplicate":
-        return Accepted(_text(answer[1]), duplicate=True)
+        return Accepted(text(answer[1]), duplicate=True)
     if status == "full":
         raise QueueFull(job.adapter, limit, int(answer[1]))
     raise RuntimeError(f"unexpected answer from the submit script: {answer!r}")

@@ -9,7 +9,7 @@ import redis
 from harness import RedisSource, isolated_url, resolve_source
 from store_harness import StoreBackend
 
-from lorafleet.worker.redis_server import RedisServer
+from lorafleet.worker.cli.redis_server import RedisServer
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

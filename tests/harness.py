@@ -14,7 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-from lorafleet.worker.redis_server import RedisServer, system_redis_binary
+from lorafleet.worker.cli.redis_server import RedisServer, system_redis_binary
 
 # Databases 1..15 rotate between tests; db 0 is left to whoever else uses a shared REDIS_URL server.
 _DB_CYCLE = itertools.cycle(range(1, 16))

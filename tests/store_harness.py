@@ -12,9 +12,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorafleet.worker.s3_server import S3Server
-from lorafleet.worker.store import LocalStore, S3Store, Store, open_store
-from lorafleet.worker.store_settings import StoreSettings
+from s3_server import S3Server
+
+from lorafleet.worker.store.settings import StoreSettings
+from lorafleet.worker.store.store import LocalStore, S3Store, Store, open_store
 
 
 @dataclass

@@ -24,12 +24,11 @@ from store_harness import StoreBackend
 
 from lorafleet.producer.cli import main
 from lorafleet.producer.keys import Keys
-from lorafleet.worker import synthetic
-from lorafleet.worker.adapter_files import ADAPTER_FILES, version_key
-from lorafleet.worker.adapters import AdapterError
-from lorafleet.worker.control import ControlConfig, ControlPlane, configure
-from lorafleet.worker.control_client import Pushed, control_queue, push_adapter
-from lorafleet.worker.registry import AdapterRecord, Registry
+from lorafleet.worker.adapters.control import ControlConfig, ControlPlane, configure
+from lorafleet.worker.adapters.control_client import Pushed, control_queue, push_adapter
+from lorafleet.worker.adapters.files import ADAPTER_FILES, AdapterError, version_key
+from lorafleet.worker.adapters.registry import AdapterRecord, Registry
+from lorafleet.worker.engine import synthetic
 
 MAX_RANK = 16
 

@@ -17,14 +17,14 @@ import redis
 import torch
 
 from lorafleet.producer.keys import Keys
-from lorafleet.worker import synthetic
-from lorafleet.worker.adapter_files import ADAPTER_FILES, content_version, plain_key, version_key
-from lorafleet.worker.adapter_manager import AdapterManager, AdapterNotFound, AdapterPending, AdapterRef
-from lorafleet.worker.control_client import remove_adapter, upload_version
-from lorafleet.worker.engine import Engine
-from lorafleet.worker.registry import Registry
-from lorafleet.worker.sequence import GenerationRequest
-from lorafleet.worker.store import Store, sha256_file
+from lorafleet.worker.adapters.control_client import remove_adapter, upload_version
+from lorafleet.worker.adapters.files import ADAPTER_FILES, content_version, plain_key, version_key
+from lorafleet.worker.adapters.manager import AdapterManager, AdapterNotFound, AdapterPending, AdapterRef
+from lorafleet.worker.adapters.registry import Registry
+from lorafleet.worker.engine import synthetic
+from lorafleet.worker.engine.engine import Engine
+from lorafleet.worker.engine.sequence import GenerationRequest
+from lorafleet.worker.store.store import Store, sha256_file
 
 PROMPT = [5, 17, 42, 99, 7]
 

@@ -22,11 +22,11 @@ import torch
 from store_harness import StoreBackend
 
 from lorafleet.producer import Chunk, ErrorCode, JobFailed, Keys, Producer, Result
-from lorafleet.worker import synthetic
-from lorafleet.worker.control_client import remove_adapter, upload_version
-from lorafleet.worker.engine import Engine
-from lorafleet.worker.registry import Registry
-from lorafleet.worker.sequence import GenerationRequest
+from lorafleet.worker.adapters.control_client import remove_adapter, upload_version
+from lorafleet.worker.adapters.registry import Registry
+from lorafleet.worker.engine import synthetic
+from lorafleet.worker.engine.engine import Engine
+from lorafleet.worker.engine.sequence import GenerationRequest
 
 pytestmark = pytest.mark.slow
 

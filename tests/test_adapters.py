@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorafleet.worker.adapters import AdapterError, AdapterSlots, ModelShapes, parse_adapter
+from lorafleet.worker.adapters.files import AdapterError
+from lorafleet.worker.engine.lora import AdapterSlots, ModelShapes, parse_adapter
 
 SHAPES = ModelShapes(num_layers=3, projections={"q_proj": (16, 16), "v_proj": (16, 8), "down_proj": (24, 16)})
 # q and v as one launch group, as the model groups q/k/v (their inputs are the same hidden state)

@@ -17,8 +17,8 @@ import redis
 from lorafleet.producer import ErrorCode, Keys
 from lorafleet.producer.protocol import MAX_JOB_BYTES, ErrorReply, Result, decode_reply
 from lorafleet.producer.scripts import SUBMIT
-from lorafleet.worker import synthetic
-from lorafleet.worker.redis_server import embedded_redis_binary
+from lorafleet.worker.cli.redis_server import embedded_redis_binary
+from lorafleet.worker.engine import synthetic
 
 KEYS = Keys()
 CLIENT = "client-1"
@@ -35,8 +35,8 @@ def model(tmp_path_factory):
 
 def make_worker(model, redis_url):
     """A Worker in this process (batch 6, 2 adapter slots)."""
-    from lorafleet.worker.config import WorkerConfig
-    from lorafleet.worker.service import Worker
+    from lorafleet.worker.serve.config import WorkerConfig
+    from lorafleet.worker.serve.worker import Worker
 
     path, adapters = model
     config = WorkerConfig(

@@ -108,8 +108,9 @@ def test_demo_on_a_given_redis_deletes_its_keys(tmp_path, redis_url, redis_clien
 
 
 def test_demo_with_an_s3_store_uploads_the_adapters_and_serves_from_it(tmp_path):
-    from lorafleet.worker.s3_server import S3Server
-    from lorafleet.worker.store import open_store
+    from s3_server import S3Server
+
+    from lorafleet.worker.store.store import open_store
 
     server = S3Server.start()
     try:

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from lorafleet.worker import synthetic
-from lorafleet.worker.detokenize import IncrementalDecoder
+from lorafleet.worker.engine import synthetic
+from lorafleet.worker.engine.detokenize import IncrementalDecoder
 
 
 @pytest.fixture(scope="module")

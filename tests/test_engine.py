@@ -11,10 +11,10 @@ from interpreter import require_interpreter
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from lorafleet.worker import synthetic
-from lorafleet.worker.adapters import AdapterError
-from lorafleet.worker.engine import Engine, PromptTooLong, UnknownAdapter
-from lorafleet.worker.sequence import FinishReason, GenerationRequest
+from lorafleet.worker.adapters.files import AdapterError
+from lorafleet.worker.engine import synthetic
+from lorafleet.worker.engine.engine import Engine, PromptTooLong, UnknownAdapter
+from lorafleet.worker.engine.sequence import FinishReason, GenerationRequest
 
 ARCHS = sorted(synthetic.ARCHITECTURES)
 # (name, rank, alpha, rslora, targets): different ranks, scalings and target subsets.
@@ -197,7 +197,7 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_batch(models):
 
 
 def test_sampling_follows_the_distribution():
-    from lorafleet.worker.sampling import SamplingBatch, sample
+    from lorafleet.worker.engine.sampling import SamplingBatch, sample
 
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.2, 1e-9]]))
     rows = 4000
@@ -406,7 +406,7 @@ def test_loaded_weights_fuse_qkv_and_gate_up_by_rows_with_their_biases(models):
     else changes: every other tensor is the file's own."""
     from safetensors.torch import load_file
 
-    from lorafleet.worker.model import load_safetensors
+    from lorafleet.worker.engine.model import load_safetensors
 
     model_dir, _ = models["qwen2"]
     raw = load_file(str(model_dir / "model.safetensors"))
@@ -429,7 +429,7 @@ def test_a_projection_tensor_without_its_group_is_refused_not_dropped(models):
     instead of serving a model whose q bias is silently missing."""
     from transformers import AutoConfig
 
-    from lorafleet.worker.model import DecoderModel, load_safetensors
+    from lorafleet.worker.engine.model import DecoderModel, load_safetensors
 
     model_dir, _ = models["qwen2"]
     config = AutoConfig.from_pretrained(str(model_dir))

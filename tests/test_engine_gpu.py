@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorafleet.worker import synthetic
-from lorafleet.worker.engine import Engine
-from lorafleet.worker.sequence import GenerationRequest
+from lorafleet.worker.engine import synthetic
+from lorafleet.worker.engine.engine import Engine
+from lorafleet.worker.engine.sequence import GenerationRequest
 
 pytestmark = [
     pytest.mark.gpu,

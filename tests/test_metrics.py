@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import generate_latest
 
-from lorafleet.worker.metrics import Metrics
+from lorafleet.worker.serve.metrics import Metrics
 
 
 def _sample(metrics: Metrics, name: str, adapter: str) -> float | None:

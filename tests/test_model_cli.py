@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from s3_server import ACCESS_KEY, REGION, SECRET_KEY, S3Server
 
 from lorafleet.producer.cli import main
-from lorafleet.worker.model_store import fetch_model
-from lorafleet.worker.s3_server import ACCESS_KEY, REGION, SECRET_KEY, S3Server
+from lorafleet.worker.store.models import fetch_model
 
 
 @pytest.fixture

@@ -64,3 +64,48 @@ def test_command_line_lists_its_commands():
         [sys.executable, "-m", "lorafleet.producer.cli", "--help"], capture_output=True, text=True, check=True
     )
     assert "demo" in out.stdout
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module a source file imports (absolute names), at any depth of the file."""
+    import ast
+
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_every_worker_sub_package_is_installed():
+    """A sub-package missing from pyproject's list would be left out of a wheel (the Docker image)."""
+    listed = set(_pyproject()["tool"]["setuptools"]["packages"])
+    found = {
+        "lorafleet." + ".".join(init.parent.relative_to(ROOT).parts)
+        for init in (ROOT / "worker").rglob("__init__.py")
+    }
+    assert found <= listed
+
+
+def test_worker_layers_import_only_downwards():
+    """engine/ never touches Redis or the serving loop; adapters/ and store/ never import serve/ or
+    cli/: each sub-package's docstring states it, this holds it."""
+    forbidden = {
+        "engine": ("redis", "rq", "lorafleet.worker.serve", "lorafleet.worker.cli", "lorafleet.producer"),
+        "store": (
+            "redis",
+            "torch",
+            "lorafleet.worker.serve",
+            "lorafleet.worker.cli",
+            "lorafleet.worker.engine",
+        ),
+        "adapters": ("lorafleet.worker.serve", "lorafleet.worker.cli"),
+        "serve": ("lorafleet.worker.cli",),
+    }
+    for package, banned in forbidden.items():
+        for source in (ROOT / "worker" / package).glob("*.py"):
+            bad = sorted(n for n in _imports(source) if n.startswith(banned))
+            assert not bad, f"worker/{package}/{source.name} imports {bad}"

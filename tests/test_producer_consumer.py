@@ -12,7 +12,7 @@ from minimal_worker import MinimalWorker
 
 from lorafleet.producer import Chunk, ErrorCode, ErrorReply, JobFailed, Keys, Producer, Result, consumer
 from lorafleet.producer.protocol import decode_job, decode_reply
-from lorafleet.worker.redis_server import embedded_redis_binary
+from lorafleet.worker.cli.redis_server import embedded_redis_binary
 
 KEYS = Keys()
 

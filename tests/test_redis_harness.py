@@ -6,7 +6,7 @@ import pytest
 import redis
 from harness import isolated_url, resolve_source
 
-from lorafleet.worker.redis_server import RedisServer, RedisServerError, embedded_redis_binary
+from lorafleet.worker.cli.redis_server import RedisServer, RedisServerError, embedded_redis_binary
 
 
 def _roundtrip(url: str) -> None:

@@ -7,7 +7,7 @@ import redis
 
 from lorafleet.producer import Chunk, Keys, Producer, Result, consumer
 from lorafleet.producer.protocol import decode_job, decode_reply
-from lorafleet.worker.reply_sender import ReplySender
+from lorafleet.worker.serve.reply_sender import ReplySender
 
 KEYS = Keys()
 

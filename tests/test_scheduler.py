@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lorafleet.worker.scheduler import (
+from lorafleet.worker.serve.scheduler import (
     AdapterQueue,
     Admission,
     FleetView,

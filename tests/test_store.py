@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from store_harness import StoreBackend
 
-from lorafleet.worker import synthetic
-from lorafleet.worker.model_store import CorruptModel, fetch_model, push_model
-from lorafleet.worker.store import LocalStore, ObjectNotFound, S3Store, StoreUnavailable, open_store
-from lorafleet.worker.store_settings import GiB, StoreSettings, parse_bytes
+from lorafleet.worker.engine import synthetic
+from lorafleet.worker.store.models import CorruptModel, fetch_model, push_model
+from lorafleet.worker.store.settings import GiB, StoreSettings, parse_bytes
+from lorafleet.worker.store.store import LocalStore, ObjectNotFound, S3Store, StoreUnavailable, open_store
 
 
 def sha(data: bytes) -> str:
@@ -129,7 +129,7 @@ def self_signed_certificate(folder: Path) -> tuple[str, str]:
 def test_s3_over_https_checks_the_certificate(tmp_path):
     """LORAFLEET_S3_SECURE=1 speaks HTTPS and trusts LORAFLEET_S3_CA_FILE; a certificate the CA bundle
     does not vouch for is refused (the store is unavailable, nothing is sent in the clear)."""
-    from lorafleet.worker.s3_server import S3Server
+    from s3_server import S3Server
 
     server = S3Server.start(tls=self_signed_certificate(tmp_path))
     try:

@@ -10,7 +10,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from lorafleet.worker import synthetic
+from lorafleet.worker.engine import synthetic
 
 ARCHS = sorted(synthetic.ARCHITECTURES)
 

@@ -12,8 +12,8 @@ import redis
 from rich.console import Console
 
 from lorafleet.producer import Keys, Producer
-from lorafleet.worker.fleet import WorkerEntry, fleet_status, publish
-from lorafleet.worker.top import render, watch
+from lorafleet.worker.cli.top import render, watch
+from lorafleet.worker.serve.fleet import WorkerEntry, fleet_status, publish
 
 
 def lorafleet(*args: str) -> subprocess.CompletedProcess[str]:

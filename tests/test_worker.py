@@ -19,9 +19,9 @@ import redis
 import torch
 
 from lorafleet.producer import Chunk, ErrorCode, JobFailed, Keys, Producer, Result
-from lorafleet.worker import synthetic
-from lorafleet.worker.engine import Engine
-from lorafleet.worker.sequence import GenerationRequest
+from lorafleet.worker.engine import synthetic
+from lorafleet.worker.engine.engine import Engine
+from lorafleet.worker.engine.sequence import GenerationRequest
 
 ADAPTERS = [f"team-{i}" for i in range(5)]
 
@@ -307,8 +307,8 @@ def test_a_job_delivered_too_often_goes_to_the_dead_letter_stream_with_an_error_
 @pytest.fixture
 def inproc(store, redis_url, tmp_path, monkeypatch):
     """make(**settings) -> a Worker in this process (2 adapter slots, batch 6); shut down at teardown."""
-    from lorafleet.worker.config import WorkerConfig
-    from lorafleet.worker.service import Worker
+    from lorafleet.worker.serve.config import WorkerConfig
+    from lorafleet.worker.serve.worker import Worker
 
     monkeypatch.setenv("LORAFLEET_CACHE_DIR", str(tmp_path / "cache"))
     made = []
@@ -500,7 +500,7 @@ def test_a_cancel_stops_a_running_job_within_steps_and_a_bare_marker_within_the_
     """Producer.cancel bumps {ns}:cancels: the job stops within three loop turns (the step whose
     replies read the moved counter, the turn that sees it, the step that aborts), long before the
     poll. A producer that only sets the marker (older or hand-written) is honoured within the poll."""
-    from lorafleet.worker import service
+    from lorafleet.worker.serve import worker as service
 
     monkeypatch.setattr(service, "CANCEL_POLL_S", 1000.0)  # first no poll: only the counter can stop it
     worker = inproc()
@@ -661,7 +661,7 @@ def test_engine_steps_that_keep_failing_hand_the_jobs_back_and_then_stop_the_wor
     """Three failed steps in a row hand every running job back to the queue (not held forever with
     its claim refreshed); they run again once steps succeed. An engine that fails whatever it runs
     (three hand-backs without a token) stops the worker, so that its supervisor restarts it."""
-    from lorafleet.worker import service
+    from lorafleet.worker.serve import worker as service
 
     worker = inproc(visibility_timeout=2.0)
     failing = threading.Event()
@@ -755,7 +755,7 @@ def test_a_drain_hands_back_jobs_still_waiting_for_their_adapter(redis_url, inpr
 
 
 def test_worker_settings_come_from_lorafleet_variables_and_flags_win():
-    from lorafleet.worker.config import WorkerConfig
+    from lorafleet.worker.serve.config import WorkerConfig
 
     env = {
         "LORAFLEET_MODEL": "m", "LORAFLEET_ADAPTERS": "a", "LORAFLEET_MAX_LORAS": "4",

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
-from lorafleet.worker.store_settings import StoreSettings
+from lorafleet.worker.store.settings import StoreSettings
 
 CHUNK = 1 << 20  # bytes per read when streaming objects
 SHA256_META = "sha256"  # S3 user metadata key (sent as x-amz-meta-sha256)

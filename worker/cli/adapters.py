@@ -93,7 +93,7 @@ class _Context:
         import redis
 
         from lorafleet.producer.keys import Keys
-        from lorafleet.worker.registry import Registry
+        from lorafleet.worker.adapters.registry import Registry
 
         url = args.redis_url or os.environ.get("LORAFLEET_REDIS_URL", "redis://127.0.0.1:6379/0")
         self.keys = Keys(args.namespace or os.environ.get("LORAFLEET_NAMESPACE", "lorafleet"))
@@ -102,14 +102,14 @@ class _Context:
         self.store_uri = args.store or os.environ.get("LORAFLEET_ADAPTERS")
 
     def store(self) -> Any:
-        from lorafleet.worker.store import open_store
+        from lorafleet.worker.store.store import open_store
 
         if not self.store_uri:
             raise ValueError("no adapter store: pass --store URI or set LORAFLEET_ADAPTERS")
         return open_store(self.store_uri)
 
     def queue(self) -> Any:
-        from lorafleet.worker.control_client import control_queue
+        from lorafleet.worker.adapters.control_client import control_queue
 
         return control_queue(self.redis, self.keys)
 
@@ -126,9 +126,9 @@ def _push(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from lorafleet.producer.keys import check_adapter_name
-    from lorafleet.worker.adapters import AdapterError
-    from lorafleet.worker.control_client import push_adapter, wait_for_verdict
-    from lorafleet.worker.store import StoreError
+    from lorafleet.worker.adapters.control_client import push_adapter, wait_for_verdict
+    from lorafleet.worker.adapters.files import AdapterError
+    from lorafleet.worker.store.store import StoreError
 
     try:
         check_adapter_name(args.name)
@@ -190,7 +190,7 @@ def _ls(args: argparse.Namespace) -> int:
 
 def _plain_folders(ctx: _Context, registered: set[str]) -> list[dict[str, Any]]:
     """Adapter folders in the store without a registry entry (the plain layout), if a store is set."""
-    from lorafleet.worker.store import StoreError
+    from lorafleet.worker.store.store import StoreError
 
     if not ctx.store_uri:
         return []
@@ -238,8 +238,8 @@ def _show(args: argparse.Namespace) -> int:
 
 def _rm(args: argparse.Namespace) -> int:
     from lorafleet.producer.keys import check_adapter_name
-    from lorafleet.worker.control_client import remove_adapter
-    from lorafleet.worker.store import StoreError
+    from lorafleet.worker.adapters.control_client import remove_adapter
+    from lorafleet.worker.store.store import StoreError
 
     try:
         check_adapter_name(args.name)
@@ -262,7 +262,7 @@ def _rm(args: argparse.Namespace) -> int:
 
 def _warm(args: argparse.Namespace) -> int:
     from lorafleet.producer.keys import check_adapter_id
-    from lorafleet.worker.control_client import request_warm
+    from lorafleet.worker.adapters.control_client import request_warm
 
     try:
         check_adapter_id(args.adapter)
@@ -287,7 +287,7 @@ def _warm(args: argparse.Namespace) -> int:
 def _control(args: argparse.Namespace) -> int:
     import logging
 
-    from lorafleet.worker.control import ControlConfig, run_control
+    from lorafleet.worker.adapters.control import ControlConfig, run_control
 
     model = args.model or os.environ.get("LORAFLEET_MODEL")
     store = args.store or os.environ.get("LORAFLEET_ADAPTERS")

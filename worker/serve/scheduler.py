@@ -3,8 +3,8 @@ it loads or evicts to do so.
 
 Pure policy: no Redis, no clock, no I/O. The worker calls `Scheduler.plan` at every engine step with
 what it read from Redis (the `{ns}:waiting` index with per-queue counts, the fleet directory, the
-load leases) and carries the plan out; benchmarks/simulator.py calls the very same code. The rules
-(DESIGN.md, "Scheduling"), in the order a plan applies them to this worker's free sequence slots:
+load leases) and carries the plan out; benchmarks/simulator.py calls the very same code. The rules,
+in the order a plan applies them to this worker's free sequence slots:
 
   starving  a job older than `max_wait` is admitted by the first worker with room, even if its
             adapter is resident elsewhere (loaded here if needed), and even if it is closed here.
@@ -20,8 +20,9 @@ load leases) and carries the plan out; benchmarks/simulator.py calls the very sa
 
 Loads go with a lease: the worker takes the adapter's load lease (SET NX PX lease_ttl) before it
 loads and skips that admission if another worker holds it, so workers that decide at the same
-moment do not all load the same cold adapter (an eviction storm); it releases the lease once the
-adapter is resident and listed in the directory. At most `max_loads_per_step` loads start per step.
+moment do not all load the same cold adapter (an eviction storm). Nobody releases a lease: it
+expires after `lease_ttl`; a load that finishes sooner shows in the fleet directory at the loader's
+next heartbeat. At most `max_loads_per_step` loads start per step.
 
 Exchange: when jobs that could load here find no adapter slot because every slot holds an adapter
 with running sequences, adapters that have held their slot past `cycle_time` are closed: they admit

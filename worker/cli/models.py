@@ -38,8 +38,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from lorafleet.worker.model_store import push_model
-    from lorafleet.worker.store import StoreError, open_store
+    from lorafleet.worker.store.models import push_model
+    from lorafleet.worker.store.store import StoreError, open_store
 
     try:
         store = open_store(args.uri)
@@ -66,7 +66,7 @@ def _push(args: argparse.Namespace) -> int:
 def _source_folder(source: str, tmp: Path) -> Path:
     """The local model folder that `source` names, writing a synthetic model into `tmp` if asked."""
     if source.startswith("synthetic:"):
-        from lorafleet.worker import synthetic
+        from lorafleet.worker.engine import synthetic
 
         arch, _, size = source.removeprefix("synthetic:").partition(":")
         return synthetic.write_model(tmp / "model", arch, size or "tiny")

@@ -15,8 +15,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from lorafleet.worker.store import ObjectInfo, S3Store, Store, StoreError, StoreUnavailable, open_store
-from lorafleet.worker.store_settings import StoreSettings
+from lorafleet.worker.store.settings import StoreSettings
+from lorafleet.worker.store.store import ObjectInfo, S3Store, Store, StoreError, StoreUnavailable, open_store
 
 log = logging.getLogger(__name__)
 MANIFEST = ".lorafleet-manifest.json"

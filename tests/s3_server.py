@@ -18,8 +18,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from lorafleet.worker.redis_server import free_port
-from lorafleet.worker.store_settings import StoreSettings
+from lorafleet.worker.cli.redis_server import free_port
+from lorafleet.worker.store.settings import StoreSettings
 
 ACCESS_KEY, SECRET_KEY, REGION = "lorafleet", "lorafleet-secret", "us-east-1"
 
@@ -93,6 +93,6 @@ class S3Server:
 
     def create_bucket(self, bucket: str) -> None:
         """Create a bucket (S3 naming rules: 3-63 chars of a-z, 0-9, '.', '-')."""
-        from lorafleet.worker.store import _minio_client
+        from lorafleet.worker.store.store import _minio_client
 
         _minio_client(self.settings()).make_bucket(bucket)

@@ -53,17 +53,17 @@ from lorafleet.producer.protocol import (
     Timings,
     Usage,
 )
-from lorafleet.worker import fleet
-from lorafleet.worker.adapter_manager import AdapterManager, AdapterNotFound, AdapterPending
-from lorafleet.worker.config import WorkerConfig
-from lorafleet.worker.detokenize import IncrementalDecoder
-from lorafleet.worker.engine import Engine, PromptTooLong
-from lorafleet.worker.metrics import Metrics
-from lorafleet.worker.model_store import fetch_model
-from lorafleet.worker.recovery import claim_stale, refresh_claims, release
-from lorafleet.worker.registry import Registry
-from lorafleet.worker.reply_sender import ReplySender
-from lorafleet.worker.scheduler import (
+from lorafleet.worker.adapters.manager import AdapterManager, AdapterNotFound, AdapterPending
+from lorafleet.worker.adapters.registry import Registry
+from lorafleet.worker.engine.detokenize import IncrementalDecoder
+from lorafleet.worker.engine.engine import Engine, PromptTooLong
+from lorafleet.worker.engine.sequence import FinishReason, GenerationRequest, StepOutput
+from lorafleet.worker.serve import fleet
+from lorafleet.worker.serve.config import WorkerConfig
+from lorafleet.worker.serve.metrics import Metrics
+from lorafleet.worker.serve.recovery import claim_stale, refresh_claims, release
+from lorafleet.worker.serve.reply_sender import ReplySender
+from lorafleet.worker.serve.scheduler import (
     AdapterQueue,
     FleetView,
     LocalState,
@@ -71,9 +71,9 @@ from lorafleet.worker.scheduler import (
     Scheduler,
     SchedulerConfig,
 )
-from lorafleet.worker.sequence import FinishReason, GenerationRequest, StepOutput
-from lorafleet.worker.store import open_store
-from lorafleet.worker.store_settings import StoreSettings
+from lorafleet.worker.store.models import fetch_model
+from lorafleet.worker.store.settings import StoreSettings
+from lorafleet.worker.store.store import open_store
 
 log = structlog.get_logger("lorafleet.worker")
 # Running jobs' cancel markers are read when {ns}:cancels moves and at least this often (seconds), for

@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from lorafleet.worker.adapter_files import ADAPTER_FILES, content_version, plain_key, version_key
-from lorafleet.worker.store import ObjectInfo, ObjectNotFound, Store, sha256_file
+from lorafleet.worker.adapters.files import ADAPTER_FILES, content_version, plain_key, version_key
+from lorafleet.worker.store.store import ObjectInfo, ObjectNotFound, Store, sha256_file
 
 
 class CorruptAdapter(Exception):

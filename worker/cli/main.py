@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from lorafleet.worker.adapter_cli import register as register_adapter_commands
-from lorafleet.worker.model_cli import register as register_model_commands
+from lorafleet.worker.cli.adapters import register as register_adapter_commands
+from lorafleet.worker.cli.models import register as register_model_commands
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -65,9 +65,9 @@ def _register_worker(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_worker(args: argparse.Namespace) -> int:
-    from lorafleet.worker.config import WorkerConfig
-    from lorafleet.worker.logs import configure_logging
-    from lorafleet.worker.service import Worker
+    from lorafleet.worker.serve.config import WorkerConfig
+    from lorafleet.worker.serve.logs import configure_logging
+    from lorafleet.worker.serve.worker import Worker
 
     overrides = {
         flag.replace("-", "_"): getattr(args, flag.replace("-", "_")) for flag, _, _ in _WORKER_FLAGS
@@ -84,7 +84,7 @@ def _run_status(args: argparse.Namespace) -> int:
     import redis
 
     from lorafleet.producer.keys import Keys
-    from lorafleet.worker.fleet import fleet_status
+    from lorafleet.worker.serve.fleet import fleet_status
 
     url = args.redis_url or os.environ.get("LORAFLEET_REDIS_URL", "redis://127.0.0.1:6379/0")
     keys = Keys(args.namespace or os.environ.get("LORAFLEET_NAMESPACE", "lorafleet"))
@@ -127,8 +127,8 @@ def _run_top(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from lorafleet.producer.keys import Keys
-    from lorafleet.worker.fleet import fleet_status
-    from lorafleet.worker.top import redact_url, render, watch
+    from lorafleet.worker.cli.top import redact_url, render, watch
+    from lorafleet.worker.serve.fleet import fleet_status
 
     if args.interval <= 0 or args.max_queues < 1:
         print("lorafleet top: --interval must be > 0 and --max-queues >= 1", file=sys.stderr)
@@ -183,7 +183,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     import sys
     import time
 
-    from lorafleet.worker.demo import DemoConfig, run_demo
+    from lorafleet.worker.cli.demo import DemoConfig, run_demo
 
     started = time.perf_counter()  # DemoConfig's checks import torch: part of the wall time
     try:

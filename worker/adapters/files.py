@@ -12,7 +12,10 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from lorafleet.worker.adapters import AdapterError
+
+class AdapterError(ValueError):
+    """An adapter that cannot be served by this base model; the message says what is wrong."""
+
 
 ADAPTER_FILES: tuple[str, ...] = ("adapter_config.json", "adapter_model.safetensors")
 VERSION_LENGTH = 16

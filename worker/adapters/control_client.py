@@ -19,12 +19,12 @@ from typing import Any
 import redis
 
 from lorafleet.producer.keys import Keys, check_adapter_id, check_adapter_name
-from lorafleet.worker.adapter_files import adapter_file_paths, content_version, version_key
-from lorafleet.worker.registry import PENDING, READY, AdapterRecord, Registry
-from lorafleet.worker.store import Store, StoreError, sha256_file
+from lorafleet.worker.adapters.files import adapter_file_paths, content_version, version_key
+from lorafleet.worker.adapters.registry import PENDING, READY, AdapterRecord, Registry
+from lorafleet.worker.store.store import Store, StoreError, sha256_file
 
-VALIDATE_JOB = "lorafleet.worker.control.validate_adapter"
-WARM_JOB = "lorafleet.worker.control.warm_adapter"
+VALIDATE_JOB = "lorafleet.worker.adapters.control.validate_adapter"
+WARM_JOB = "lorafleet.worker.adapters.control.warm_adapter"
 VALIDATE_TIMEOUT_S = 600
 RETRY_INTERVALS_S = [5, 15, 30]  # a validation that fails on a store outage runs again
 

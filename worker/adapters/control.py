@@ -22,12 +22,12 @@ from typing import Any
 import redis
 
 from lorafleet.producer.keys import Keys
-from lorafleet.worker.adapter_files import ADAPTER_FILES, content_version, version_key
-from lorafleet.worker.adapters import AdapterError, ModelShapes
-from lorafleet.worker.registry import PENDING, READY, Registry
-from lorafleet.worker.store import ObjectNotFound, Store, open_store
-from lorafleet.worker.store_settings import StoreSettings
-from lorafleet.worker.validation import Limits, base_shapes, validate_adapter_dir
+from lorafleet.worker.adapters.files import ADAPTER_FILES, AdapterError, content_version, version_key
+from lorafleet.worker.adapters.registry import PENDING, READY, Registry
+from lorafleet.worker.adapters.validation import Limits, base_shapes, validate_adapter_dir
+from lorafleet.worker.engine.lora import ModelShapes
+from lorafleet.worker.store.settings import StoreSettings
+from lorafleet.worker.store.store import ObjectNotFound, Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def run_control(config: ControlConfig, *, burst: bool = False, fork: bool = True
     from rq import SimpleWorker, Worker
     from rq.serializers import JSONSerializer
 
-    from lorafleet.worker.control_client import control_queue
+    from lorafleet.worker.adapters.control_client import control_queue
 
     plane = ControlPlane(config)
     configure(plane)

@@ -20,6 +20,7 @@ from typing import Any
 import redis
 
 from lorafleet.producer.keys import Keys, check_adapter_name, check_adapter_version
+from lorafleet.producer.streams import text
 
 PENDING, READY, REJECTED = "pending", "ready", "rejected"
 EVENTS_MAXLEN = 1000
@@ -65,7 +66,7 @@ class Registry:
     def current(self, name: str) -> str | None:
         """The current ready version of `name`, or None (never pushed, none ready yet, or removed)."""
         raw = self.redis.hget(self.keys.adapters, check_adapter_name(name))
-        return None if raw is None else _text(raw)
+        return None if raw is None else text(raw)
 
     def record(self, name: str, version: str) -> AdapterRecord | None:
         """The record of one version, or None."""
@@ -79,7 +80,7 @@ class Registry:
 
     def names(self) -> list[str]:
         """Every adapter name with a record, sorted."""
-        return sorted(_text(n) for n in self.redis.smembers(self.keys.adapter_names))
+        return sorted(text(n) for n in self.redis.smembers(self.keys.adapter_names))
 
     def set_pending(self, record: AdapterRecord) -> None:
         """Record a pushed version awaiting validation (replacing an earlier record of it)."""
@@ -169,7 +170,7 @@ class Registry:
     def last_event_id(self) -> str:
         """Id of the newest event ("0-0" if none): read events after it."""
         newest: Any = self.redis.xrevrange(self.keys.adapter_events, count=1)
-        return _text(newest[0][0]) if newest else "0-0"
+        return text(newest[0][0]) if newest else "0-0"
 
     def read_events(self, after: str, block_ms: int) -> list[tuple[str, str, str, str]]:
         """Events after id `after`, waiting up to block_ms: [(id, event, name, version)]."""
@@ -181,10 +182,6 @@ class Registry:
             entries = reply[0][1] if reply else []
         events = []
         for entry_id, fields in entries:
-            f = {_text(k): _text(v) for k, v in fields.items()}
-            events.append((_text(entry_id), f.get("e", ""), f.get("n", ""), f.get("v", "")))
+            f = {text(k): text(v) for k, v in fields.items()}
+            events.append((text(entry_id), f.get("e", ""), f.get("n", ""), f.get("v", "")))
         return events
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -46,10 +46,16 @@ from rich.console import Console
 from rich.text import Text
 
 from lorafleet.producer import JobFailed, JobHandle, Keys, LorafleetError, Producer
-from lorafleet.worker import fleet
-from lorafleet.worker.demo_report import LiveProgress, Outcome, build_summary, render_summary, scrape_counters
-from lorafleet.worker.redis_server import RedisServer, RedisServerError, free_port
-from lorafleet.worker.top import redact_url
+from lorafleet.worker.cli.demo_report import (
+    LiveProgress,
+    Outcome,
+    build_summary,
+    render_summary,
+    scrape_counters,
+)
+from lorafleet.worker.cli.redis_server import RedisServer, RedisServerError, free_port
+from lorafleet.worker.cli.top import redact_url
+from lorafleet.worker.serve import fleet
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 RANKS = (4, 16, 8, 32)  # adapter i gets RANKS[i % 4]; even ones target every projection, odd ones q and v
@@ -87,7 +93,7 @@ class DemoConfig:
     as_json: bool = False
 
     def __post_init__(self) -> None:
-        from lorafleet.worker.synthetic import ARCHITECTURES, SIZES
+        from lorafleet.worker.engine.synthetic import ARCHITECTURES, SIZES
 
         bounds = {
             "jobs": (1, 1_000_000), "adapters_count": (1, 1000), "workers": (1, 64),
@@ -303,7 +309,7 @@ def write_files(run: DemoRun) -> None:
     """Write the synthetic model (unless --model) and the adapters into the adapter folder."""
     from transformers.utils import logging as hf_logging
 
-    from lorafleet.worker import synthetic
+    from lorafleet.worker.engine import synthetic
 
     hf_logging.disable_progress_bar()  # "Writing model shards" would cut through the demo's output
     config = run.config
@@ -333,8 +339,8 @@ def write_files(run: DemoRun) -> None:
 
 def upload_adapters(run: DemoRun, uri: str) -> None:
     """Upload the written adapters to the store at `uri`, in the plain layout the workers read."""
-    from lorafleet.worker.adapter_files import ADAPTER_FILES, plain_key
-    from lorafleet.worker.store import StoreError, open_store
+    from lorafleet.worker.adapters.files import ADAPTER_FILES, plain_key
+    from lorafleet.worker.store.store import StoreError, open_store
 
     assert run.adapter_dir is not None
     try:

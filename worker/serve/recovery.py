@@ -9,16 +9,12 @@ the timeout. XAUTOCLAIM's reply carries no delivery count, so it is read with XP
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 import redis
 
 from lorafleet.producer.consumer import Delivery, job_field
 from lorafleet.producer.keys import Keys, check_queue
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+from lorafleet.producer.streams import text
 
 
 def claim_stale(
@@ -50,9 +46,9 @@ def claim_stale(
         entries = [e for e in reply[1] if e is not None and e[1] is not None]
         if not entries:
             continue
-        counts = _delivery_counts(r, keys, stream, [_text(e[0]) for e in entries])
+        counts = _delivery_counts(r, keys, stream, [text(e[0]) for e in entries])
         for entry in entries:
-            entry_id = _text(entry[0])
+            entry_id = text(entry[0])
             claimed.append((Delivery(queue, stream, entry_id, job_field(entry[1])), counts.get(entry_id, 1)))
     return claimed, bad
 

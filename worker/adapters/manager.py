@@ -32,12 +32,13 @@ from typing import Any
 import redis
 
 from lorafleet.producer.keys import check_adapter_id, check_adapter_name, check_adapter_version
-from lorafleet.worker.adapters import AdapterError, LoraAdapter, parse_adapter, read_adapter_dir
-from lorafleet.worker.disk_cache import CorruptAdapter, DiskCache
-from lorafleet.worker.engine import UnknownAdapter
-from lorafleet.worker.registry import READY, Registry
-from lorafleet.worker.store import Store, StoreError, StoreUnavailable
-from lorafleet.worker.store_settings import StoreSettings
+from lorafleet.worker.adapters.disk_cache import CorruptAdapter, DiskCache
+from lorafleet.worker.adapters.files import AdapterError
+from lorafleet.worker.adapters.registry import READY, Registry
+from lorafleet.worker.engine.engine import UnknownAdapter
+from lorafleet.worker.engine.lora import LoraAdapter, parse_adapter, read_adapter_dir
+from lorafleet.worker.store.settings import StoreSettings
+from lorafleet.worker.store.store import Store, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from lorafleet.worker.sequence import Sequence
+from lorafleet.worker.engine.sequence import Sequence
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lorafleet.worker.batch import StepBatch
+from lorafleet.worker.engine.batch import StepBatch
 
 
 def write_kv(

@@ -20,12 +20,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from lorafleet.worker.adapters.files import AdapterError
+
 TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _KEY = re.compile(r"(?:.*\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$")
-
-
-class AdapterError(ValueError):
-    """An adapter that cannot be served by this base model; the message says what is wrong."""
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from lorafleet.worker.adapters import AdapterSlots
-from lorafleet.worker.batch import StepBatch
-from lorafleet.worker.kv_cache import KVCache
-from lorafleet.worker.model import DecoderModel
+from lorafleet.worker.engine.batch import StepBatch
+from lorafleet.worker.engine.kv_cache import KVCache
+from lorafleet.worker.engine.lora import AdapterSlots
+from lorafleet.worker.engine.model import DecoderModel
 
 BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 

@@ -28,14 +28,26 @@ from typing import Any
 import structlog
 import torch
 
-from lorafleet.worker.adapters import AdapterError, AdapterSlots, LoraAdapter, parse_adapter, read_adapter_dir
-from lorafleet.worker.batch import StepBatch, build_step_batch
-from lorafleet.worker.cuda_graphs import DecodeGraphs
-from lorafleet.worker.detokenize import IncrementalDecoder
-from lorafleet.worker.kv_cache import KVCache, KVCacheInfo
-from lorafleet.worker.model import DecoderModel
-from lorafleet.worker.sampling import SamplingBatch, greedy, sample
-from lorafleet.worker.sequence import FinishReason, GenerationOutput, GenerationRequest, Sequence, StepOutput
+from lorafleet.worker.engine.batch import StepBatch, build_step_batch
+from lorafleet.worker.engine.cuda_graphs import DecodeGraphs
+from lorafleet.worker.engine.detokenize import IncrementalDecoder
+from lorafleet.worker.engine.kv_cache import KVCache, KVCacheInfo
+from lorafleet.worker.engine.lora import (
+    AdapterError,
+    AdapterSlots,
+    LoraAdapter,
+    parse_adapter,
+    read_adapter_dir,
+)
+from lorafleet.worker.engine.model import DecoderModel
+from lorafleet.worker.engine.sampling import SamplingBatch, greedy, sample
+from lorafleet.worker.engine.sequence import (
+    FinishReason,
+    GenerationOutput,
+    GenerationRequest,
+    Sequence,
+    StepOutput,
+)
 
 log = structlog.get_logger("lorafleet.engine")
 

@@ -24,10 +24,10 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from lorafleet.kernels import LoraBatchMeta, apply_rotary, lora_apply, paged_attention, rms_norm
-from lorafleet.worker.adapters import AdapterSlots, ModelShapes
-from lorafleet.worker.attention import write_kv
-from lorafleet.worker.batch import StepBatch
-from lorafleet.worker.kv_cache import KVCache
+from lorafleet.worker.engine.attention import write_kv
+from lorafleet.worker.engine.batch import StepBatch
+from lorafleet.worker.engine.kv_cache import KVCache
+from lorafleet.worker.engine.lora import AdapterSlots, ModelShapes
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 

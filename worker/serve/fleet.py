@@ -15,6 +15,7 @@ from typing import Any
 import redis
 
 from lorafleet.producer.keys import Keys, adapter_of_queue
+from lorafleet.producer.streams import text
 
 
 @dataclass
@@ -103,11 +104,7 @@ def leases(r: redis.Redis, keys: Keys, queues: list[str]) -> dict[str, str]:
     if not queues:
         return {}
     values = r.mget([keys.lease(q) for q in queues])
-    return {q: _text(v) for q, v in zip(queues, values, strict=True) if v is not None}
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return {q: text(v) for q, v in zip(queues, values, strict=True) if v is not None}
 
 
 def fleet_status(r: redis.Redis, keys: Keys) -> dict[str, Any]:

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorafleet.worker.adapter_files import adapter_file_paths
-from lorafleet.worker.adapters import AdapterError, ModelShapes, parse_adapter, read_adapter_dir
-from lorafleet.worker.store import open_store
-from lorafleet.worker.store_settings import StoreSettings
+from lorafleet.worker.adapters.files import AdapterError, adapter_file_paths
+from lorafleet.worker.engine.lora import ModelShapes, parse_adapter, read_adapter_dir
+from lorafleet.worker.store.settings import StoreSettings
+from lorafleet.worker.store.store import open_store
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ def base_shapes(model: str, settings: StoreSettings | None = None) -> ModelShape
     """Shapes a base model's adapters must fit, read from its config.json (a folder or store URI)."""
     from transformers import AutoConfig
 
-    from lorafleet.worker.model import ModelSpec
+    from lorafleet.worker.engine.model import ModelSpec
 
     with tempfile.TemporaryDirectory() as tmp:
         if model.startswith("s3://"):
