@@ -113,3 +113,16 @@ def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
 def _check_positive(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
         raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
+def redis_target(
+    redis_url: str | None = None, namespace: str | None = None, env: Mapping[str, str] | None = None
+) -> tuple[str, str]:
+    """The Redis URL and namespace a command works on: its flags where given, else LORAFLEET_REDIS_URL
+    and LORAFLEET_NAMESPACE, else the defaults; validated as a producer's are. Every command resolves
+    them here, so that they all agree."""
+    overrides = {k: v for k, v in (("redis_url", redis_url), ("namespace", namespace)) if v}
+    env = os.environ if env is None else env
+    scoped = {k: v for k, v in env.items() if k in (ENV_PREFIX + "REDIS_URL", ENV_PREFIX + "NAMESPACE")}
+    config = ProducerConfig.from_env(scoped, **overrides)
+    return config.redis_url, config.namespace

@@ -369,3 +369,19 @@ def test_a_producer_reads_the_lorafleet_variables_and_arguments_win(redis_url, m
         assert producer.config.namespace == "arg"
     with Producer(redis_url, config=ProducerConfig()) as producer:
         assert producer.config.namespace == "lorafleet"
+
+
+def test_every_command_resolves_redis_and_namespace_the_same_way():
+    """Flags win over LORAFLEET_REDIS_URL / LORAFLEET_NAMESPACE, which win over the defaults; other
+    producer variables do not concern a command that only needs the target."""
+    from lorafleet.producer.config import redis_target
+
+    env = {"LORAFLEET_REDIS_URL": "redis://env:6379/2", "LORAFLEET_NAMESPACE": "env-ns",
+           "LORAFLEET_REPLY_TTL": "not a number"}  # fmt: skip
+    assert redis_target(env=env) == ("redis://env:6379/2", "env-ns")
+    assert redis_target("redis://flag:1/0", "flag-ns", env=env) == ("redis://flag:1/0", "flag-ns")
+    assert redis_target(env={}) == ("redis://127.0.0.1:6379/0", "lorafleet")
+    with pytest.raises(ValueError, match="namespace"):
+        redis_target(namespace="bad ns", env={})
+    with pytest.raises(ValueError, match="redis_url"):
+        redis_target(env={"LORAFLEET_REDIS_URL": "http://nope"})

@@ -92,11 +92,12 @@ class _Context:
     def __init__(self, args: argparse.Namespace):
         import redis
 
+        from lorafleet.producer.config import redis_target
         from lorafleet.producer.keys import Keys
         from lorafleet.worker.adapters.registry import Registry
 
-        url = args.redis_url or os.environ.get("LORAFLEET_REDIS_URL", "redis://127.0.0.1:6379/0")
-        self.keys = Keys(args.namespace or os.environ.get("LORAFLEET_NAMESPACE", "lorafleet"))
+        url, namespace = redis_target(args.redis_url, args.namespace)
+        self.keys = Keys(namespace)
         self.redis = redis.Redis.from_url(url, protocol=2, socket_timeout=30)
         self.registry = Registry(self.redis, self.keys)
         self.store_uri = args.store or os.environ.get("LORAFLEET_ADAPTERS")
@@ -287,7 +288,9 @@ def _warm(args: argparse.Namespace) -> int:
 def _control(args: argparse.Namespace) -> int:
     import logging
 
+    from lorafleet.producer.config import redis_target
     from lorafleet.worker.adapters.control import ControlConfig, run_control
+    from lorafleet.worker.serve.logs import configure_logging
 
     model = args.model or os.environ.get("LORAFLEET_MODEL")
     store = args.store or os.environ.get("LORAFLEET_ADAPTERS")
@@ -300,12 +303,13 @@ def _control(args: argparse.Namespace) -> int:
         return _fail(
             f"error: LORAFLEET_LOG_LEVEL must be debug, info, warning or error, not {level!r}", EXIT_USAGE
         )
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(level.lower())  # JSON lines, as the worker's
+    redis_url, namespace = redis_target(args.redis_url, args.namespace)
     config = ControlConfig(
         store=store,
         model=model,
-        redis_url=args.redis_url or os.environ.get("LORAFLEET_REDIS_URL", "redis://127.0.0.1:6379/0"),
-        namespace=args.namespace or os.environ.get("LORAFLEET_NAMESPACE", "lorafleet"),
+        redis_url=redis_url,
+        namespace=namespace,
         max_rank=args.max_rank or int(os.environ.get("LORAFLEET_MAX_RANK", "64")),
     )
     return run_control(config, burst=args.burst, fork=args.fork)

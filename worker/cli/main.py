@@ -79,15 +79,15 @@ def _run_worker(args: argparse.Namespace) -> int:
 
 def _run_status(args: argparse.Namespace) -> int:
     import json
-    import os
 
     import redis
 
+    from lorafleet.producer.config import redis_target
     from lorafleet.producer.keys import Keys
     from lorafleet.worker.serve.fleet import fleet_status
 
-    url = args.redis_url or os.environ.get("LORAFLEET_REDIS_URL", "redis://127.0.0.1:6379/0")
-    keys = Keys(args.namespace or os.environ.get("LORAFLEET_NAMESPACE", "lorafleet"))
+    url, namespace = redis_target(args.redis_url, args.namespace)
+    keys = Keys(namespace)
     status = fleet_status(redis.Redis.from_url(url, protocol=2, socket_timeout=10), keys)
     if args.json:
         print(json.dumps(status, indent=2))
@@ -120,12 +120,12 @@ def _register_top(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_top(args: argparse.Namespace) -> int:
-    import os
     import sys
 
     import redis
     from rich.console import Console
 
+    from lorafleet.producer.config import redis_target
     from lorafleet.producer.keys import Keys
     from lorafleet.worker.cli.top import redact_url, render, watch
     from lorafleet.worker.serve.fleet import fleet_status
@@ -133,8 +133,8 @@ def _run_top(args: argparse.Namespace) -> int:
     if args.interval <= 0 or args.max_queues < 1:
         print("lorafleet top: --interval must be > 0 and --max-queues >= 1", file=sys.stderr)
         return 2
-    url = args.redis_url or os.environ.get("LORAFLEET_REDIS_URL", "redis://127.0.0.1:6379/0")
-    keys = Keys(args.namespace or os.environ.get("LORAFLEET_NAMESPACE", "lorafleet"))
+    url, namespace = redis_target(args.redis_url, args.namespace)
+    keys = Keys(namespace)
     client = redis.Redis.from_url(url, protocol=2, socket_timeout=10, socket_connect_timeout=5)
     if not args.once:
         watch(lambda: fleet_status(client, keys), args.interval, max_queues=args.max_queues)
