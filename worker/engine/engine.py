@@ -17,7 +17,6 @@ are queued on the device; the worker does its own host work (reading Redis, canc
 from __future__ import annotations
 
 import itertools
-import zlib
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from collections.abc import Sequence as TokenIds
@@ -40,7 +39,7 @@ from lorafleet.worker.engine.lora import (
     read_adapter_dir,
 )
 from lorafleet.worker.engine.model import DecoderModel
-from lorafleet.worker.engine.sampling import SamplingBatch, greedy, sample
+from lorafleet.worker.engine.sampling import SamplingBatch, default_seed, greedy, sample
 from lorafleet.worker.engine.sequence import (
     FinishReason,
     GenerationOutput,
@@ -555,7 +554,7 @@ class Engine:
 def _seed_of(seq: Sequence) -> int:
     if seq.request.seed is not None:
         return seq.request.seed
-    return zlib.crc32(seq.request_id.encode())
+    return default_seed(seq.request_id)
 
 
 def _load_tokenizer(model_dir: Path) -> Any:

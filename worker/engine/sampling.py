@@ -9,6 +9,7 @@ top-k and top-p remove tokens (logit -inf) before the draw.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,12 @@ import torch
 _MASK32 = 0xFFFFFFFF
 # Multipliers below 2**31 keep every product of a 32-bit value inside int64.
 _M1, _M2, _M3 = 0x7FEB352D, 0x68E31DA5, 0x2C1B3C6D
+
+
+def default_seed(key: str) -> int:
+    """The sampling seed of a request that has none: a hash of a name that stays the same when the
+    same request runs again (the engine uses the request id; the worker the job's entry and id)."""
+    return zlib.crc32(key.encode())
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:

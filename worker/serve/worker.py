@@ -19,7 +19,6 @@ import os
 import signal
 import socket
 import time
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -57,6 +56,7 @@ from lorafleet.worker.adapters.manager import AdapterManager, AdapterNotFound, A
 from lorafleet.worker.adapters.registry import Registry
 from lorafleet.worker.engine.detokenize import IncrementalDecoder
 from lorafleet.worker.engine.engine import Engine, PromptTooLong
+from lorafleet.worker.engine.sampling import default_seed
 from lorafleet.worker.engine.sequence import FinishReason, GenerationRequest, StepOutput
 from lorafleet.worker.serve import fleet
 from lorafleet.worker.serve.config import WorkerConfig
@@ -451,7 +451,7 @@ class Worker:
         sampling = job.sampling
         name = f"{delivery.entry_id}/{job.id}"
         # Unseeded jobs sample with a seed of their own entry and id: a re-run draws the same tokens.
-        seed = sampling.seed if sampling.seed is not None else zlib.crc32(name.encode())
+        seed = sampling.seed if sampling.seed is not None else default_seed(name)
         try:
             request = GenerationRequest(
                 prompt_ids=self._prompt_ids(job), adapter=engine_adapter,
