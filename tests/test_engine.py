@@ -491,3 +491,13 @@ def test_requests_waiting_when_a_slot_load_fails_wait_on_and_run_later(models):
     while engine.has_unfinished():
         engine.step()
     assert [len(engine.pop_output(i).token_ids) for i in ids] == [3, 3, 3]
+
+
+def test_every_finish_reason_the_engine_reports_but_aborted_is_one_the_wire_knows():
+    """The worker puts the engine's finish reason in the result as is: it must be a wire value.
+    (ABORTED never travels: an aborted job gets an error reply or is handed back.) Two enums, because
+    the engine must not import the producer package, which loads the Redis client."""
+    from lorafleet.producer.protocol import FinishReason as WireReason
+    from lorafleet.worker.engine.sequence import FinishReason
+
+    assert {r.value for r in FinishReason} - {"aborted"} == {r.value for r in WireReason}
