@@ -519,6 +519,9 @@ def test_a_cancel_stops_a_running_job_within_steps_and_a_bare_marker_within_the_
         # second); it starts with the marker read that the moved counter causes.
         monkeypatch.setattr(service, "CANCEL_POLL_S", 0.1)
         for _ in range(3):
+            # (the sender thread sends a step's replies, and reads the counter, while the next turn
+            # runs; on a loaded machine it can lag a turn behind, so each turn starts once it is done)
+            worker.wait_replies()
             worker.turn()
             if {j.job.id for j in worker.running.values()} == {bare.id}:
                 break
