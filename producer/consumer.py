@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -58,11 +58,15 @@ from lorafleet.producer.streams import text, xrange_entries, xread_entries
 
 @dataclass(frozen=True)
 class _Lua:
-    text: str
+    """A script and its SHA1, hashed once. Not redis-py's `Script`: called inside a pipeline, that
+    one asks the server whether it knows the script before every execute (a round trip more per
+    step's replies); `ReplyBatch` sends EVALSHA and falls back to EVAL only on NOSCRIPT instead."""
 
-    @property
-    def sha(self) -> str:
-        return hashlib.sha1(self.text.encode()).hexdigest()
+    text: str
+    sha: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.text.encode()).hexdigest())
 
 
 _READ, _FINAL, _DEAD, _CHUNKS, _FORGET = (
