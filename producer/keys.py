@@ -121,6 +121,12 @@ def check_queue(queue: object) -> str:
     return check_adapter_id(queue, "queue")
 
 
+def queue_label(raw_queue: bytes) -> str:
+    """A queue name read from Redis as logs and tables show it, whatever it holds: the first 200
+    bytes, anything that is not UTF-8 escaped."""
+    return raw_queue[:200].decode(errors="backslashreplace")
+
+
 def check_reply_to(reply_to: object, prefix: str) -> str:
     """Validate a job's reply stream: exactly ``prefix`` (``{ns}:reply:``) and a client id."""
     if not isinstance(reply_to, str):

@@ -383,13 +383,14 @@ def _valid(check: Any, *args: Any) -> bool:
     return True
 
 
-def _check_wire_types(wire: Mapping[str, Any], keys: Keys | None) -> None:
+def _check_wire_types(wire: Mapping[str, Any], keys: Keys | None, reply_to: str | None) -> None:
     """What the wire demands beyond the Job dataclass, which also serves Python callers: `stop` is a
     list (the dataclass takes a lone string), `adapter` is nil or an id (the dataclass reads '' as
-    the base model), and with `keys`, reply_to is a reply stream of that namespace."""
+    the base model), and with `keys`, reply_to is a reply stream of that namespace (`reply_to` is
+    the routing's reading of it: None when it is not one)."""
     _check_version(wire, "job")
-    if keys is not None:
-        check_reply_to(wire.get("reply_to"), keys.reply_prefix)
+    if keys is not None and reply_to is None:
+        check_reply_to(wire.get("reply_to"), keys.reply_prefix)  # raises, naming what is wrong
     if isinstance(wire.get("stop"), str):
         raise TypeError("stop must be a list of strings, not a string")
     if wire.get("adapter") == "":
@@ -411,7 +412,7 @@ def job_from_wire(wire: Mapping[str, Any], keys: Keys | None = None) -> Job:
         )  # fmt: skip
 
     try:
-        _check_wire_types(wire, keys)
+        _check_wire_types(wire, keys, reply_to)
         sampling = SamplingParams(**{k: wire[k] for k in SamplingParams.FIELDS if k in wire})
         return Job(
             id=wire.get("id"),  # type: ignore[arg-type]  # checked by Job

@@ -14,7 +14,7 @@ from typing import Any
 
 import redis
 
-from lorafleet.producer.keys import Keys, adapter_of_queue
+from lorafleet.producer.keys import Keys, adapter_of_queue, queue_label
 from lorafleet.producer.streams import text
 
 
@@ -122,7 +122,7 @@ def fleet_status(r: redis.Redis, keys: Keys) -> dict[str, Any]:
     replies = pipe.execute(raise_on_error=False)
     rows = []
     for i, raw in enumerate(raw_queues):
-        queue = raw[:200].decode(errors="backslashreplace")
+        queue = queue_label(raw)
         length, pending = replies[2 * i], replies[2 * i + 1]
         pending_count = pending["pending"] if isinstance(pending, dict) else 0
         score = waiting_scores.get(raw)

@@ -41,7 +41,7 @@ from lorafleet.producer.consumer import (
     wake_position,
 )
 from lorafleet.producer.errors import ProtocolError
-from lorafleet.producer.keys import Keys, adapter_of_queue, queue_name
+from lorafleet.producer.keys import Keys, adapter_of_queue, queue_label, queue_name
 from lorafleet.producer.protocol import (
     Chunk,
     ErrorCode,
@@ -129,11 +129,6 @@ class ParkedJob:
     delivery: Delivery
     job: Job
     received_at: float
-
-
-def _shown(raw_queue: bytes) -> str:
-    """A queue name as a log line shows it: the first 200 bytes, anything not UTF-8 escaped."""
-    return raw_queue[:200].decode(errors="backslashreplace")
 
 
 def stop_prefix_len(text: str, stops: Sequence[str]) -> int:
@@ -336,10 +331,10 @@ class Worker:
                     min_idle=self.config.visibility_timeout, worker=self.config.name,
                 )  # fmt: skip
             except redis.ResponseError as exc:  # this queue alone; the others go on
-                self.log.error("bad queue not purged", queue=_shown(raw), error=str(exc))
+                self.log.error("bad queue not purged", queue=queue_label(raw), error=str(exc))
                 continue
             self.metrics.dead_letters.inc(purged)
-            self.log.warning("bad queue purged", queue=_shown(raw), jobs=purged)
+            self.log.warning("bad queue purged", queue=queue_label(raw), jobs=purged)
 
     def _local_adapters(self) -> dict[str, ResidentAdapter]:
         """This worker's adapter slots as the scheduler sees them: loaded or loading.
