@@ -51,7 +51,8 @@ from lorafleet.worker.adapters.disk_cache import DiskCache
 from lorafleet.worker.adapters.manager import AdapterManager, AdapterRef
 from lorafleet.worker.cli.redis_server import free_port
 from lorafleet.worker.engine import synthetic
-from lorafleet.worker.engine.engine import Engine, EngineConfig
+from lorafleet.worker.engine.config import EngineConfig
+from lorafleet.worker.engine.engine import Engine
 from lorafleet.worker.engine.lora import AdapterSlots, LoraAdapter, parse_adapter, read_adapter_dir
 from lorafleet.worker.engine.model import DecoderModel, ModelSpec
 from lorafleet.worker.engine.sequence import GenerationRequest

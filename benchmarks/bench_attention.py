@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, write_results
+from common import graph_seconds, hbm_bandwidth, print_table, write_results
 
 from lorafleet.kernels.attention import default_num_splits, paged_attention, random_paged_batch
 
@@ -38,50 +37,10 @@ DTYPE = torch.bfloat16
 L2_FLUSH_BYTES = 256 << 20  # rotate over at least this much KV so that no call is served from L2
 MAX_COPIES = 64
 TARGET_SECONDS = 0.2  # of graph replays per measurement
+MAX_REPLAYS = 200  # at the most
 
 FULL_GRID = [(b, c) for b in (1, 16, 64, 256) for c in (512, 2048, 8192)]
 QUICK_GRID = [(1, 2048), (16, 8192), (64, 2048), (256, 512)]
-
-
-def hbm_bandwidth(nbytes: int = 4 << 30) -> float:
-    """Bytes/s of a device-to-device copy of nbytes / 2 (read + write counted)."""
-    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    reps = 10
-    start.record()
-    for _ in range(reps):
-        dst.copy_(src)
-    end.record()
-    torch.cuda.synchronize()
-    return nbytes * reps / (start.elapsed_time(end) / 1e3)
-
-
-def graph_seconds(fn: Callable[[], None]) -> float:
-    """Seconds per call of `fn`, captured once in a CUDA graph and replayed."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up: compiles and allocates outside the capture
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    graph.replay()
-    start.record()
-    graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    reps = max(3, min(200, int(TARGET_SECONDS / max(start.elapsed_time(end) / 1e3, 1e-6))))
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    del graph
-    return start.elapsed_time(end) / 1e3 / reps
 
 
 def torch_decode(
@@ -135,9 +94,9 @@ def measure(batch_size: int, context: int, hbm: float) -> dict[str, Any]:
         for q, table, out in zip(queries, tables, outs, strict=True):
             out.copy_(torch_decode(q, data.k_cache, data.v_cache, table, lens))
 
-    triton_s = graph_seconds(triton_step) / copies
+    triton_s = graph_seconds([triton_step], TARGET_SECONDS, MAX_REPLAYS) / copies
     ours = outs[0].clone()
-    torch_s = graph_seconds(torch_step) / copies
+    torch_s = graph_seconds([torch_step], TARGET_SECONDS, MAX_REPLAYS) / copies
     max_err = (ours.float() - outs[0].float()).abs().max().item()
     num_splits = default_num_splits(batch_size, NUM_KV_HEADS, context, HEAD_DIM, torch.device("cuda"))
     return {

@@ -18,36 +18,22 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, print_table, write_results
+from common import RESULTS_DIR, hbm_bandwidth, print_table, wall_seconds, write_results
 
 from lorafleet.worker.engine import synthetic
-from lorafleet.worker.engine.engine import Engine, EngineConfig
+from lorafleet.worker.engine.config import EngineConfig
+from lorafleet.worker.engine.engine import Engine
 from lorafleet.worker.engine.model import DecoderModel
 from lorafleet.worker.engine.sequence import GenerationRequest
 
 PROMPT_LEN = 128
 RANK = 16
-
-
-def hbm_bandwidth(nbytes: int = 4 << 30) -> float:
-    """Bytes/s of a device-to-device copy (read + write counted)."""
-    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    reps = 10
-    for _ in range(reps):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    return 2 * src.numel() * reps / (time.perf_counter() - start)
 
 
 def add_requests(engine: Engine, batch: int, adapters: list[str | None], max_new_tokens: int) -> None:
@@ -68,12 +54,7 @@ def decode_step_time(engine: Engine, batch: int, adapters: list[str | None], ste
     add_requests(engine, batch, adapters, steps + 4)
     engine.step()  # prefill
     engine.step()  # first decode (warm-up)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-    torch.cuda.synchronize()
-    elapsed = (time.perf_counter() - start) / steps
+    elapsed = wall_seconds(engine.step, steps)
     while engine.has_unfinished():
         engine.step()
     engine._finished.clear()
@@ -92,14 +73,12 @@ def peft_step_time(model: Any, adapter_dirs: list[Path], batch: int, steps: int)
     mask = torch.ones_like(ids)
 
     def run(new_tokens: int) -> float:
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        peft_model.generate(
-            input_ids=ids, attention_mask=mask, adapter_names=names, max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens, do_sample=False,
+        return wall_seconds(
+            lambda: peft_model.generate(
+                input_ids=ids, attention_mask=mask, adapter_names=names, max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens, do_sample=False,
+            )
         )  # fmt: skip
-        torch.cuda.synchronize()
-        return time.perf_counter() - start
 
     run(2)
     short, long = run(2), run(2 + steps)
@@ -115,11 +94,7 @@ def generate_batch_step_time(model: Any, batch: int, steps: int) -> float:
 
     def run(new_tokens: int) -> float:
         config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        model.generate_batch(inputs=inputs, generation_config=config)
-        torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return wall_seconds(lambda: model.generate_batch(inputs=inputs, generation_config=config))
 
     run(2)
     return (run(2 + steps) - run(2)) / steps

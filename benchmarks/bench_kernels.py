@@ -55,7 +55,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, write_results
+from common import graph_seconds, hbm_bandwidth, print_table, write_results
 
 from lorafleet.kernels import LoraBatchMeta, lora_apply, lora_expand, lora_shrink
 from lorafleet.kernels.testing import assign_slots, make_problem
@@ -64,6 +64,7 @@ DEVICE = "cuda"
 DTYPE = torch.bfloat16
 MAX_COPIES = 1024
 TARGET_SECONDS = 0.1  # of graph replays per measurement
+MAX_REPLAYS = 500  # at the most
 PROJECTIONS = {"q_o": (4096, 4096), "k_v": (4096, 1024), "gate_up": (4096, 14336), "down": (14336, 4096)}
 HEADLINE = ("decode", "q_o", 64, 64, 16)  # kind, projection, tokens, adapters, rank
 COLUMNS = [
@@ -112,47 +113,9 @@ def cases(quick: bool) -> list[Case]:
 # timing
 
 
-def hbm_bandwidth(nbytes: int = 4 << 30) -> float:
-    """Bytes/s of a device-to-device copy of nbytes / 2 (read + write counted)."""
-    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=DEVICE)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    reps = 10
-    start.record()
-    for _ in range(reps):
-        dst.copy_(src)
-    end.record()
-    torch.cuda.synchronize()
-    return nbytes * reps / (start.elapsed_time(end) / 1e3)
-
-
 def graph_ms(calls: list[Callable[[], object]]) -> float:
     """Milliseconds per call: all `calls` captured in one CUDA graph, replayed; total / len(calls)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up: compiles and allocates outside the capture
-        for call in calls:
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    graph.replay()
-    start.record()
-    graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    once = start.elapsed_time(end) / 1e3
-    reps = max(3, min(500, int(TARGET_SECONDS / max(once, 1e-6))))
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps / len(calls)
+    return 1e3 * graph_seconds(calls, TARGET_SECONDS, MAX_REPLAYS)
 
 
 def two_copies_ms(nbytes: int) -> float:

@@ -121,7 +121,7 @@ def serial_turn(worker: Worker) -> bool:
     housekeeping and admission, then the whole engine step."""
     now = time.time()
     worker._housekeeping(now)
-    took = worker._admit(now)
+    took = worker.intake.admit(now)
     if worker.engine.has_unfinished():
         worker._launch()
         worker._finish_step()

@@ -1,4 +1,5 @@
-"""What every benchmark shares: the machine and versions a row was measured on, and the JSON writer."""
+"""What every benchmark shares: the machine and versions a row was measured on, the JSON writer, and
+the GPU timers (torch is imported inside them, so that CPU-only benchmarks import this module cheaply)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -88,3 +90,64 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     print("  ".join(col.ljust(w) for col, w in zip(columns, widths, strict=True)))
     for r in cells:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+
+
+def wall_seconds(fn: Callable[[], object], reps: int = 1) -> float:
+    """Wall seconds per call of `fn` over `reps` calls, the CUDA device synchronized before and after
+    (so the time covers the GPU work the calls queue)."""
+    import torch
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / reps
+
+
+def hbm_bandwidth(nbytes: int = 4 << 30) -> float:
+    """Bytes/s of a device-to-device copy of nbytes / 2 on the CUDA device (read + write counted)."""
+    import torch
+
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    reps = 10
+    start.record()
+    for _ in range(reps):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    return nbytes * reps / (start.elapsed_time(end) / 1e3)
+
+
+def graph_seconds(calls: Sequence[Callable[[], object]], target_seconds: float, max_replays: int) -> float:
+    """Seconds per call: all `calls` captured in one CUDA graph, replayed for about `target_seconds`
+    (3 to `max_replays` replays, after one untimed); the replays' time / replays / len(calls)."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up: compiles and allocates outside the capture
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    once = start.elapsed_time(end) / 1e3
+    replays = max(3, min(max_replays, int(target_seconds / max(once, 1e-6))))
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / replays / len(calls)

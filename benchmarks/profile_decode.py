@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -29,10 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import PROMPT_LEN, add_requests
-from common import print_table, write_results
+from common import print_table, wall_seconds, write_results
 
 from lorafleet.worker.engine import synthetic
-from lorafleet.worker.engine.engine import Engine, EngineConfig
+from lorafleet.worker.engine.config import EngineConfig
+from lorafleet.worker.engine.engine import Engine
 from lorafleet.worker.engine.model import DecoderModel
 
 RANK = 16
@@ -64,12 +64,7 @@ def profile(engine: Engine, batch: int, adapters: int, steps: int) -> dict[str, 
     add_requests(engine, batch, names, 2 * steps + 16)  # warm-up, timed and profiled steps all decode
     for _ in range(4):  # prefill, then decode warm-up (graph capture, Triton compiles)
         engine.step()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-    torch.cuda.synchronize()
-    wall = (time.perf_counter() - start) / steps
+    wall = wall_seconds(engine.step, steps)
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(steps):

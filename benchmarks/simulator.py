@@ -36,14 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from lorafleet.worker.serve.scheduler import (
-    AdapterQueue,
-    FleetView,
-    LocalState,
-    ResidentAdapter,
-    Scheduler,
-    SchedulerConfig,
-)
+from lorafleet.worker.serve.plan import AdapterQueue, FleetView, LocalState, ResidentAdapter
+from lorafleet.worker.serve.scheduler import Scheduler, SchedulerConfig
 
 POLICIES = ("ours", "fifo-lru")
 

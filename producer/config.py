@@ -1,9 +1,13 @@
-"""The producer's settings: one dataclass, validated once, built from keywords or the environment."""
+"""The producer's settings: one dataclass, validated once, built from keywords or the environment.
+
+`env_settings` is the one reader of LORAFLEET_<FIELD> variables; the worker's and the control plane's
+settings objects use it too (the worker may import the producer, never the reverse).
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -65,13 +69,7 @@ class ProducerConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ProducerConfig:
         """Settings from ``LORAFLEET_<FIELD>`` variables (e.g. LORAFLEET_REDIS_URL), then `overrides`."""
-        env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            raw = env.get(ENV_PREFIX + f.name.upper())
-            if raw is not None and raw != "":
-                values[f.name] = _parse(f.name, raw, f.type)
-        return cls().with_settings(**values).with_settings(**overrides)
+        return cls().with_settings(**env_settings(cls, env)).with_settings(**overrides)
 
     def redis_options(self, *, blocking: bool = False) -> dict[str, Any]:
         """Keyword arguments for ``Redis.from_url`` (sync or asyncio) of one of the client's connections.
@@ -92,18 +90,6 @@ class ProducerConfig:
         return replace(self, **settings) if settings else self
 
 
-def _parse(name: str, raw: str, annotation: Any) -> Any:
-    text = str(annotation)
-    try:
-        if text.startswith("int"):
-            return int(raw)
-        if text.startswith("float"):
-            return float(raw)
-    except ValueError:
-        raise ValueError(f"{ENV_PREFIX}{name.upper()} must be a number, got {raw!r}") from None
-    return raw
-
-
 def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
         bound = f"{lo}..{hi}" if hi is not None else f">= {lo}"
@@ -121,8 +107,35 @@ def redis_target(
     """The Redis URL and namespace a command works on: its flags where given, else LORAFLEET_REDIS_URL
     and LORAFLEET_NAMESPACE, else the defaults; validated as a producer's are. Every command resolves
     them here, so that they all agree."""
-    overrides = {k: v for k, v in (("redis_url", redis_url), ("namespace", namespace)) if v}
-    env = os.environ if env is None else env
-    scoped = {k: v for k, v in env.items() if k in (ENV_PREFIX + "REDIS_URL", ENV_PREFIX + "NAMESPACE")}
-    config = ProducerConfig.from_env(scoped, **overrides)
+    values = env_settings(ProducerConfig, env, names=("redis_url", "namespace"))
+    values.update({k: v for k, v in (("redis_url", redis_url), ("namespace", namespace)) if v})
+    config = ProducerConfig(**values)
     return config.redis_url, config.namespace
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {"str": str, "int": int, "float": float}
+
+
+def env_settings(
+    config_class: type[Any], env: Mapping[str, str] | None = None, names: Collection[str] | None = None
+) -> dict[str, Any]:
+    """The fields of the dataclass `config_class` that LORAFLEET_<FIELD> variables of `env` (default:
+    the process's) set, each parsed to its field's type; `names` limits the fields read.
+
+    Every settings object of lorafleet reads its environment here: `ProducerConfig`, the worker's
+    `WorkerConfig` and the control plane's `ControlConfig`. Fields typed str, int or float (or one of
+    them ``| None``) are read, others never; an empty variable counts as unset. A value that does not
+    parse raises ValueError naming the variable.
+    """
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for f in fields(config_class):
+        annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        kind = annotation.split("|")[0].strip()
+        raw = env.get(ENV_PREFIX + f.name.upper())
+        if raw and kind in _PARSERS and (names is None or f.name in names):
+            try:
+                values[f.name] = _PARSERS[kind](raw)
+            except ValueError:
+                raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {kind}") from None
+    return values

@@ -177,6 +177,32 @@ def test_more_adapters_than_slots_evicts_only_idle_ones(models):
     assert len(engine.resident_adapters) == 2
 
 
+def test_the_owner_of_the_engine_chooses_which_idle_adapter_gives_up_its_slot(models):
+    """With every slot taken, `choose_victim` gets the idle adapters (least recently used first) and
+    picks the one to evict; None keeps them all, and the request waits for a slot instead."""
+    model_dir, adapters = models["llama"]
+    names = list(adapters)[:3]
+    engine = _engine(model_dir, {n: adapters[n] for n in names}, max_loras=2)
+    asked = []
+
+    def request(name):
+        return GenerationRequest(prompt_ids=[9, 8, 7], adapter=name, max_new_tokens=2, ignore_eos=True)
+
+    engine.generate([request(names[0]), request(names[1])])
+    engine.pool.choose_victim = lambda idle: asked.append(list(idle)) or None
+    rid = engine.add_request(request(names[2]))
+    engine.step()
+    assert asked == [names[:2]]  # least recently used first
+    assert engine.num_waiting == 1  # it waits: nothing was evicted
+    assert engine.resident_adapters == names[:2]
+
+    engine.pool.choose_victim = lambda idle: idle[-1]  # the most recently used goes instead
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.pop_output(rid).finish_reason == "length"
+    assert engine.resident_adapters == [names[0], names[2]]
+
+
 def test_seeded_sampling_is_the_same_alone_and_in_a_batch(models):
     model_dir, adapters = models["llama"]
     sampled = GenerationRequest(
@@ -501,3 +527,126 @@ def test_every_finish_reason_the_engine_reports_but_aborted_is_one_the_wire_know
     from lorafleet.worker.engine.sequence import FinishReason
 
     assert {r.value for r in FinishReason} - {"aborted"} == {r.value for r in WireReason}
+
+
+class _SlowTokenizer:
+    """The engine's tokenizer without its `tokenizers` backend: text is decoded by windows."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def decode(self, ids, skip_special_tokens=False):
+        return self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def _scripted(engine, scripts):
+    """Make each request emit the tokens `scripts[request_id]`, one a step (greedy on one-hot logits)."""
+    vocab = engine.model.spec.vocab_size
+
+    def forward(batch):
+        logits = torch.zeros(len(engine._running), vocab)
+        for row, seq in enumerate(engine._running):
+            logits[row, scripts[seq.request_id][len(seq.output_ids)]] = 1.0
+        return logits
+
+    engine._forward = forward
+
+
+def _run_collecting_text(engine):
+    """Step to the end; each request's StepOutput.text in order."""
+    texts = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            texts.setdefault(out.request_id, []).append(out.text)
+    return texts
+
+
+@pytest.mark.parametrize("decoder", ["decode_stream", "window"])
+def test_streamed_text_adds_up_to_the_final_text(models, decoder):
+    """A request streaming text gets, step by step, text that never changes: a character split
+    across tokens comes whole, a possible start of a stop string waits (and goes out once it cannot
+    be one), a stop string split across tokens is never sent; the finishing step carries the rest,
+    and all of it joined is the final text (the EOS or stop token left out)."""
+    model_dir, _ = models["llama"]
+    engine = _engine(model_dir, {})
+    tokenizer = engine.tokenizer
+    text = "naïve café 👋🏽 漢字: the answer was two, the answer is three."
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    if decoder == "window":
+        engine.tokenizer = _SlowTokenizer(tokenizer)
+    assert any("\ufffd" in tokenizer.decode([t]) for t in ids)  # some character spans tokens
+    assert not any("answer is" in tokenizer.decode([t]) for t in ids)  # the stop string spans tokens
+    stop_id = ids[-3]
+    base = dict(prompt_ids=[5, 6, 7], max_new_tokens=len(ids) + 1, ignore_eos=False)
+    cases = {
+        "length": (GenerationRequest(**{**base, "max_new_tokens": len(ids)}, stream_text=True), ids, text),
+        "eos": (GenerationRequest(**base, stream_text=True), [*ids, synthetic.EOS_ID], text),
+        "stop string": (
+            GenerationRequest(**base, stream_text=True, stop=["answer is", "never"]), ids,
+            text[: text.index("answer is")],
+        ),
+        "stop string, not streamed": (
+            GenerationRequest(**base, stop=["answer is"]), ids, text[: text.index("answer is")]
+        ),
+        "stop token": (
+            GenerationRequest(**base, stream_text=True, stop_token_ids=[stop_id]), ids,
+            tokenizer.decode(ids[: ids.index(stop_id)]),
+        ),
+    }  # fmt: skip
+    rids = {name: engine.add_request(request) for name, (request, _, _) in cases.items()}
+    _scripted(engine, {rids[name]: script for name, (_, script, _) in cases.items()})
+    texts = _run_collecting_text(engine)
+    for name, (_, _, expected) in cases.items():
+        out = engine.pop_output(rids[name])
+        deltas = texts[rids[name]]
+        assert "".join(deltas) == out.text == expected, name
+        assert not any("\ufffd" in d for d in deltas), name
+        sent = ""
+        for delta in deltas:
+            sent += delta
+            assert expected.startswith(sent), name  # nothing sent ever changes or is cut later
+        if name == "eos":
+            assert out.token_ids[-1] == synthetic.EOS_ID
+            assert out.finish_reason == FinishReason.STOP
+        if name.startswith("stop string"):
+            assert out.finish_reason == FinishReason.STOP_STRING
+            assert "answer was" in "".join(deltas[:-1])  # the false start went out before the end
+        if name == "stop token":
+            assert out.token_ids[-1] == stop_id
+
+
+def test_requests_that_neither_stream_nor_stop_decode_once_when_they_finish(models, monkeypatch):
+    from lorafleet.worker.engine import engine as engine_module
+
+    model_dir, _ = models["llama"]
+    engine = _engine(model_dir, {})
+    made = []
+    monkeypatch.setattr(engine_module, "TextOutput", lambda *a: made.append(a))
+    decodes = []
+    real_decode = engine.tokenizer.decode
+    monkeypatch.setattr(engine.tokenizer, "decode", lambda *a, **k: decodes.append(1) or real_decode(*a, **k))
+    rid = engine.add_request(GenerationRequest(prompt_ids=[5, 6, 7], max_new_tokens=12, ignore_eos=True))
+    texts = _run_collecting_text(engine)
+    assert texts[rid] == [""] * 12
+    out = engine.pop_output(rid)
+    assert made == []
+    assert len(decodes) == 1
+    assert out.text == real_decode(out.token_ids, skip_special_tokens=True)
+
+
+def test_an_aborted_streaming_request_gets_the_rest_of_its_text_when_it_is_reported(models):
+    model_dir, _ = models["llama"]
+    engine = _engine(model_dir, {})
+    rid = engine.add_request(
+        GenerationRequest(
+            prompt_ids=[5, 6, 7], max_new_tokens=50, ignore_eos=True, stream_text=True, stop=["zz"]
+        )
+    )
+    deltas = [o.text for _ in range(8) for o in engine.step()]
+    engine.abort(rid)
+    [last] = engine.step()
+    assert last.finished
+    assert last.finish_reason == FinishReason.ABORTED
+    out = engine.pop_output(rid)
+    assert "".join([*deltas, last.text]) == out.text
+    assert out.text == engine.tokenizer.decode(out.token_ids, skip_special_tokens=True)

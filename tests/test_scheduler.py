@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lorafleet.worker.serve.scheduler import (
+from lorafleet.worker.serve.plan import (
     AdapterQueue,
     Admission,
     FleetView,
@@ -25,9 +25,8 @@ from lorafleet.worker.serve.scheduler import (
     Plan,
     Reason,
     ResidentAdapter,
-    Scheduler,
-    SchedulerConfig,
 )
+from lorafleet.worker.serve.scheduler import Scheduler, SchedulerConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from simulator import PerfModel, Simulation, Trace, Workload

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from lorafleet.producer.keys import Keys
+from lorafleet.producer.config import DEFAULT_REDIS_URL, ENV_PREFIX, ProducerConfig, env_settings
+from lorafleet.producer.keys import DEFAULT_NAMESPACE, Keys
 from lorafleet.worker.adapters.files import ADAPTER_FILES, AdapterError, content_version, version_key
 from lorafleet.worker.adapters.registry import PENDING, READY, Registry
 from lorafleet.worker.adapters.validation import Limits, base_shapes, validate_adapter_dir
@@ -34,19 +36,43 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ControlConfig:
-    """Settings of a `lorafleet control` process."""
+    """Settings of the adapter control plane: the `lorafleet control` process and the `lorafleet adapters`
+    commands that talk to it. Built once per process by `from_env`: each field but `settings` (the
+    process's `StoreSettings`) also reads LORAFLEET_<FIELD>, e.g. LORAFLEET_ADAPTERS as a worker does."""
 
-    store: str  # adapter store URI
-    model: str  # base model folder or store URI (only its config.json is read)
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    namespace: str = "lorafleet"
+    adapters: str = ""  # adapter store URI (CLI --store); `control`, `adapters push` and `rm` need one
+    model: str = ""  # base model folder or store URI (only its config.json is read); `control` needs one
+    redis_url: str = DEFAULT_REDIS_URL
+    namespace: str = DEFAULT_NAMESPACE
     max_rank: int = 64  # the fleet's max_rank: larger adapters are rejected
+    log_level: str = "info"  # of `lorafleet control`'s JSON logs
     settings: StoreSettings = field(default_factory=StoreSettings.from_env)
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_rank <= 256:
             raise ValueError(f"max_rank must be in 1..256, not {self.max_rank}")
-        Keys(self.namespace)  # checks the namespace
+        if not isinstance(getattr(logging, self.log_level.upper(), None), int):
+            raise ValueError(f"log_level must be debug, info, warning or error, not {self.log_level!r}")
+        ProducerConfig(redis_url=self.redis_url, namespace=self.namespace)  # checked as a producer's are
+
+    @classmethod
+    def from_env(
+        cls,
+        overrides: Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
+        required: Sequence[str] = (),
+    ) -> ControlConfig:
+        """Fields from LORAFLEET_* variables (`env`, default: the process's), then `overrides` (the flags
+        that were given); ValueError when a field named in `required` is still empty."""
+        values = env_settings(cls, env)
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        for name in required:
+            if not values.get(name):
+                flag = "store" if name == "adapters" else name.replace("_", "-")
+                raise ValueError(f"{name} is required (--{flag} or {ENV_PREFIX}{name.upper()})")
+        if "settings" not in values:
+            values["settings"] = StoreSettings.from_env(env)
+        return cls(**values)
 
 
 class ControlPlane:
@@ -64,7 +90,7 @@ class ControlPlane:
         self.keys = Keys(config.namespace)
         self.redis = client or redis.Redis.from_url(config.redis_url, protocol=2, socket_timeout=30)
         self.registry = Registry(self.redis, self.keys)
-        self.store = store or open_store(config.store, config.settings)
+        self.store = store or open_store(config.adapters, config.settings)
         self.shapes = shapes or base_shapes(config.model, config.settings)
         self.limits = Limits(max_rank=config.max_rank, max_bytes=config.settings.max_adapter_bytes)
 

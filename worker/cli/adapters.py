@@ -4,20 +4,23 @@
     lorafleet adapters ls
     lorafleet control --store s3://adapters --model s3://models/llama-3-8b
 
-Every command takes --redis-url (env LORAFLEET_REDIS_URL), --namespace (LORAFLEET_NAMESPACE) and,
-where it touches files, --store (LORAFLEET_ADAPTERS); S3 settings come from LORAFLEET_S3_* (see
-store_settings). Exit status: 0 done, 1 rejected / failed / not found, 2 bad arguments, 3 no verdict
-within --timeout.
+Each command builds one `ControlConfig` (worker/adapters/control.py) from its flags, else LORAFLEET_*
+variables: --redis-url (LORAFLEET_REDIS_URL), --namespace (LORAFLEET_NAMESPACE), --store
+(LORAFLEET_ADAPTERS) and, for `control`, --model (LORAFLEET_MODEL), --max-rank (LORAFLEET_MAX_RANK)
+and LORAFLEET_LOG_LEVEL; S3 settings come from LORAFLEET_S3_* (StoreSettings). Exit status: 0 done,
+1 rejected / failed / not found, 2 bad arguments or settings, 3 no verdict within --timeout.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lorafleet.worker.adapters.control import ControlConfig
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
 
@@ -86,33 +89,54 @@ def _register_control(commands: argparse._SubParsersAction) -> None:
 # ----- shared set-up -----
 
 
-class _Context:
-    """Redis, keys, registry and (lazily) the store, from flags or environment."""
+def _config(args: argparse.Namespace, *required: str) -> ControlConfig:
+    """The command's settings, built once: its flags where given, else LORAFLEET_* variables, else the
+    defaults; ValueError names a bad or missing (`required`) one."""
+    from lorafleet.worker.adapters.control import ControlConfig
 
-    def __init__(self, args: argparse.Namespace):
+    flags = {
+        "redis_url": args.redis_url,
+        "namespace": args.namespace,
+        "adapters": args.store,
+        "model": getattr(args, "model", None),  # `control` only
+        "max_rank": getattr(args, "max_rank", None),
+    }
+    return ControlConfig.from_env({k: v for k, v in flags.items() if v not in (None, "")}, required=required)
+
+
+class _Context:
+    """Redis, keys, registry and (lazily) the store of a command's `ControlConfig`."""
+
+    def __init__(self, config: ControlConfig):
         import redis
 
-        from lorafleet.producer.config import redis_target
         from lorafleet.producer.keys import Keys
         from lorafleet.worker.adapters.registry import Registry
 
-        url, namespace = redis_target(args.redis_url, args.namespace)
-        self.keys = Keys(namespace)
-        self.redis = redis.Redis.from_url(url, protocol=2, socket_timeout=30)
+        self.config = config
+        self.keys = Keys(config.namespace)
+        self.redis = redis.Redis.from_url(config.redis_url, protocol=2, socket_timeout=30)
         self.registry = Registry(self.redis, self.keys)
-        self.store_uri = args.store or os.environ.get("LORAFLEET_ADAPTERS")
 
     def store(self) -> Any:
         from lorafleet.worker.store.store import open_store
 
-        if not self.store_uri:
-            raise ValueError("no adapter store: pass --store URI or set LORAFLEET_ADAPTERS")
-        return open_store(self.store_uri)
+        return open_store(self.config.adapters, self.config.settings)
 
     def queue(self) -> Any:
         from lorafleet.worker.adapters.control_client import control_queue
 
         return control_queue(self.redis, self.keys)
+
+
+def _store_context(args: argparse.Namespace) -> tuple[_Context, Any]:
+    """The context and the opened store of a command that changes adapter `args.name` in the store
+    (push, rm); ValueError names a bad adapter name, a bad or missing setting, or a bad store URI."""
+    from lorafleet.producer.keys import check_adapter_name
+
+    check_adapter_name(args.name)
+    ctx = _Context(_config(args, "adapters"))
+    return ctx, ctx.store()
 
 
 def _fail(message: str, status: int = EXIT_FAILED) -> int:
@@ -126,15 +150,12 @@ def _fail(message: str, status: int = EXIT_FAILED) -> int:
 def _push(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from lorafleet.producer.keys import check_adapter_name
     from lorafleet.worker.adapters.control_client import push_adapter, wait_for_verdict
     from lorafleet.worker.adapters.files import AdapterError
     from lorafleet.worker.store.store import StoreError
 
     try:
-        check_adapter_name(args.name)
-        ctx = _Context(args)
-        store = ctx.store()
+        ctx, store = _store_context(args)
     except ValueError as exc:
         return _fail(f"error: {exc}", EXIT_USAGE)
     try:
@@ -160,7 +181,10 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def _ls(args: argparse.Namespace) -> int:
-    ctx = _Context(args)
+    try:
+        ctx = _Context(_config(args))
+    except ValueError as exc:
+        return _fail(f"error: {exc}", EXIT_USAGE)
     rows: list[dict[str, Any]] = []
     for name in ctx.registry.names():
         records = ctx.registry.records(name)
@@ -193,7 +217,7 @@ def _plain_folders(ctx: _Context, registered: set[str]) -> list[dict[str, Any]]:
     """Adapter folders in the store without a registry entry (the plain layout), if a store is set."""
     from lorafleet.worker.store.store import StoreError
 
-    if not ctx.store_uri:
+    if not ctx.config.adapters:
         return []
     try:
         names = ctx.store().names()
@@ -214,9 +238,9 @@ def _show(args: argparse.Namespace) -> int:
 
     try:
         check_adapter_name(args.name)
+        ctx = _Context(_config(args))
     except ValueError as exc:
         return _fail(f"error: {exc}", EXIT_USAGE)
-    ctx = _Context(args)
     records = ctx.registry.records(args.name)
     if not records:
         return _fail(f"no adapter {args.name!r} in the registry")
@@ -238,14 +262,11 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _rm(args: argparse.Namespace) -> int:
-    from lorafleet.producer.keys import check_adapter_name
     from lorafleet.worker.adapters.control_client import remove_adapter
     from lorafleet.worker.store.store import StoreError
 
     try:
-        check_adapter_name(args.name)
-        ctx = _Context(args)
-        store = ctx.store()
+        ctx, store = _store_context(args)
     except ValueError as exc:
         return _fail(f"error: {exc}", EXIT_USAGE)
     try:
@@ -267,9 +288,9 @@ def _warm(args: argparse.Namespace) -> int:
 
     try:
         check_adapter_id(args.adapter)
+        ctx = _Context(_config(args))
     except ValueError as exc:
         return _fail(f"error: {exc}", EXIT_USAGE)
-    ctx = _Context(args)
     job = request_warm(args.adapter, ctx.queue())
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
@@ -286,30 +307,12 @@ def _warm(args: argparse.Namespace) -> int:
 
 
 def _control(args: argparse.Namespace) -> int:
-    import logging
-
-    from lorafleet.producer.config import redis_target
-    from lorafleet.worker.adapters.control import ControlConfig, run_control
+    from lorafleet.worker.adapters.control import run_control
     from lorafleet.worker.serve.logs import configure_logging
 
-    model = args.model or os.environ.get("LORAFLEET_MODEL")
-    store = args.store or os.environ.get("LORAFLEET_ADAPTERS")
-    if not model or not store:
-        return _fail(
-            "error: --model and --store (or LORAFLEET_MODEL, LORAFLEET_ADAPTERS) are required", EXIT_USAGE
-        )
-    level = os.environ.get("LORAFLEET_LOG_LEVEL", "info").upper()
-    if not isinstance(getattr(logging, level, None), int):
-        return _fail(
-            f"error: LORAFLEET_LOG_LEVEL must be debug, info, warning or error, not {level!r}", EXIT_USAGE
-        )
-    configure_logging(level.lower())  # JSON lines, as the worker's
-    redis_url, namespace = redis_target(args.redis_url, args.namespace)
-    config = ControlConfig(
-        store=store,
-        model=model,
-        redis_url=redis_url,
-        namespace=namespace,
-        max_rank=args.max_rank or int(os.environ.get("LORAFLEET_MAX_RANK", "64")),
-    )
+    try:
+        config = _config(args, "adapters", "model")
+    except ValueError as exc:
+        return _fail(f"error: {exc}", EXIT_USAGE)
+    configure_logging(config.log_level)  # JSON lines, as the worker's
     return run_control(config, burst=args.burst, fork=args.fork)

@@ -183,7 +183,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     import sys
     import time
 
-    from lorafleet.worker.cli.demo import DemoConfig, run_demo
+    from lorafleet.worker.cli.demo import run_demo
+    from lorafleet.worker.cli.demo_run import DemoConfig
 
     started = time.perf_counter()  # DemoConfig's checks import torch: part of the wall time
     try:

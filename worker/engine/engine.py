@@ -17,9 +17,8 @@ are queued on the device; the worker does its own host work (reading Redis, canc
 from __future__ import annotations
 
 import itertools
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Iterable, Mapping
-from collections.abc import Sequence as TokenIds
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,9 +26,10 @@ from typing import Any
 import structlog
 import torch
 
+from lorafleet.worker.engine.adapter_pool import AdapterPool
 from lorafleet.worker.engine.batch import StepBatch, build_step_batch
+from lorafleet.worker.engine.config import EngineConfig
 from lorafleet.worker.engine.cuda_graphs import DecodeGraphs
-from lorafleet.worker.engine.detokenize import IncrementalDecoder
 from lorafleet.worker.engine.kv_cache import KVCache, KVCacheInfo
 from lorafleet.worker.engine.lora import (
     AdapterError,
@@ -39,7 +39,8 @@ from lorafleet.worker.engine.lora import (
     read_adapter_dir,
 )
 from lorafleet.worker.engine.model import DecoderModel
-from lorafleet.worker.engine.sampling import SamplingBatch, default_seed, greedy, sample
+from lorafleet.worker.engine.output import TextOutput
+from lorafleet.worker.engine.sampling import SamplingBatch, greedy, sample
 from lorafleet.worker.engine.sequence import (
     FinishReason,
     GenerationOutput,
@@ -57,39 +58,6 @@ class PromptTooLong(ValueError):
 
 class UnknownAdapter(KeyError):
     """A request names an adapter that was never added (or was removed)."""
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Engine settings, checked once at construction."""
-
-    max_loras: int = 8
-    max_rank: int = 64
-    max_batch: int = 256  # running sequences at once
-    max_prefill_tokens: int = 8192  # prompt tokens admitted per step (one longer prompt still runs alone)
-    block_size: int = 16
-    kv_cache_tokens: int | None = None  # None: sized from free device memory (CPU: 65,536 tokens)
-    kv_memory_fraction: float = 0.85  # share of free device memory for the KV cache
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
-    cuda_graphs: bool = True  # capture decode steps in CUDA graphs (CUDA devices only)
-    # Launch each LoRA shrink-expand pair with programmatic dependent launch (`lora_apply(pdl=True)`;
-    # compute capability 9.0+, ignored elsewhere). Off until benchmarks/bench_kernels.py measures it.
-    lora_pdl: bool = False
-
-    def __post_init__(self) -> None:
-        checks = {
-            "max_loras": self.max_loras >= 1,
-            "max_rank": 1 <= self.max_rank <= 256,
-            "max_batch": self.max_batch >= 1,
-            "max_prefill_tokens": self.max_prefill_tokens >= 1,
-            "block_size": self.block_size >= 1,
-            "kv_cache_tokens": self.kv_cache_tokens is None or self.kv_cache_tokens >= self.block_size,
-            "kv_memory_fraction": 0 < self.kv_memory_fraction <= 1,
-            "max_model_len": self.max_model_len is None or self.max_model_len >= 2,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"EngineConfig.{name} is out of range: {getattr(self, name)!r}")
 
 
 @dataclass
@@ -122,9 +90,7 @@ class Engine:
         if self.device.type == "cuda" and config.cuda_graphs:
             max_blocks = self.kv.blocks_for(self.max_model_len)
             self.graphs = DecodeGraphs(model, self.kv, self.slots, config.max_batch, max_blocks)
-        self._adapters: dict[str, LoraAdapter] = {}
-        self._slot_of: OrderedDict[str, int] = OrderedDict()  # resident adapters, least recently used first
-        self._users: dict[int, int] = {}  # slot -> running sequences
+        self.pool = AdapterPool(self.slots)  # registered adapters and their device slots
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
         self._finished: dict[str, Sequence] = {}
@@ -132,7 +98,7 @@ class Engine:
         self._launched: _Launched | None = None  # the step between launch() and finish()
         self._host_ids: torch.Tensor | None = None  # pinned buffer the sampled ids are copied into
         self._ids = itertools.count()
-        self.stats = {"adapter_loads": 0, "adapter_evictions": 0, "adapter_hits": 0}
+        self.stats = self.pool.stats  # adapter_loads, adapter_evictions, adapter_hits
 
     @classmethod
     def from_pretrained(
@@ -198,68 +164,32 @@ class Engine:
 
         Like `add_adapter` without re-reading or re-checking it on the caller's thread.
         """
-        self._retire_resident(name)
-        self._adapters[name] = adapter
+        self.pool.register(name, adapter)
 
     def remove_adapter(self, name: str) -> None:
         """Forget an adapter; requests already running on it finish on it."""
-        if self._adapters.pop(name, None) is None:
+        if not self.pool.remove(name):
             raise UnknownAdapter(name)
-        self._retire_resident(name)
-
-    def _retire_resident(self, name: str) -> None:
-        # A replaced or removed adapter leaves the name map at once; its slot is reused only once
-        # no running sequence reads it (users == 0).
-        slot = self._slot_of.pop(name, None)
-        if slot is not None and self._users.get(slot, 0) == 0:
-            self._users.pop(slot, None)
 
     def evict_adapter(self, name: str) -> bool:
         """Free the device slot of `name` if no running sequence uses it; True if it was freed."""
-        slot = self._slot_of.get(name)
-        if slot is None or self._users.get(slot, 0) > 0:
-            return False
-        del self._slot_of[name]
-        self.stats["adapter_evictions"] += 1
-        return True
+        return self.pool.evict(name)
 
     @property
     def adapters(self) -> list[str]:
         """Names of the registered adapters."""
-        return list(self._adapters)
+        return list(self.pool.adapters)
 
     @property
     def resident_adapters(self) -> list[str]:
         """Adapters in a device slot now, least recently used first."""
-        return list(self._slot_of)
-
-    def _acquire_slot(self, name: str) -> int | None:
-        """The slot holding `name`, loading it (evicting an idle adapter) if needed; None if all busy."""
-        slot = self._slot_of.get(name)
-        if slot is not None:
-            self._slot_of.move_to_end(name)
-            self.stats["adapter_hits"] += 1
-            return slot
-        busy = set(self._slot_of.values()) | {s for s, users in self._users.items() if users > 0}
-        free = [s for s in range(self.config.max_loras) if s not in busy]
-        if not free:
-            victim = next((n for n, s in self._slot_of.items() if self._users.get(s, 0) == 0), None)
-            if victim is None:
-                return None
-            free = [self._slot_of.pop(victim)]
-            self.stats["adapter_evictions"] += 1
-        slot = free[0]
-        self.slots.load(slot, self._adapters[name])
-        self.slots.wait_ready(slot)
-        self._slot_of[name] = slot
-        self.stats["adapter_loads"] += 1
-        return slot
+        return self.pool.resident
 
     # ----- requests -----
 
     def add_request(self, request: GenerationRequest) -> str:
         """Queue a request; it joins the running batch at a coming step. Returns its request id."""
-        if request.adapter is not None and request.adapter not in self._adapters:
+        if request.adapter is not None and request.adapter not in self.pool.adapters:
             raise UnknownAdapter(request.adapter)
         prompt_len = len(request.prompt_ids)
         if prompt_len + 1 > self.max_model_len:
@@ -350,18 +280,17 @@ class Engine:
         if prefill_tokens and prefill_tokens + prompt > self.config.max_prefill_tokens:
             return False
         name = seq.request.adapter
-        if name is not None and name not in self._adapters:
+        if name is not None and name not in self.pool.adapters:
             seq.finish_reason = FinishReason.ABORTED
             return False
         blocks = self.kv.blocks_for(self._budget(seq.request))
         if blocks > self.kv.unreserved_blocks:
             return False
         if name is not None:
-            slot = self._acquire_slot(name)
+            slot = self.pool.acquire(name)
             if slot is None:
                 return False
             seq.lora_slot = slot
-            self._users[slot] = self._users.get(slot, 0) + 1
         self.kv.reserve(blocks)
         seq.reserved_blocks = blocks
         self._running.append(seq)
@@ -399,7 +328,7 @@ class Engine:
             if all(s.request.temperature == 0 for s in seqs):
                 next_ids = greedy(logits)  # no per-row parameters to copy to the device
             else:
-                next_ids = sample(logits, self._sampling_batch(seqs))
+                next_ids = sample(logits, SamplingBatch.of(seqs, self.device))
             host_ids, ready = self._to_host(next_ids)
         except Exception:
             self._carried = outputs
@@ -429,11 +358,10 @@ class Engine:
             seq.output_ids.append(int(token))
             self._check_stop(seq)
         finished = [s for s in seqs if s.is_finished and s.finish_reason != FinishReason.ABORTED]
-        decodes = self.tokenizer is not None  # stop strings are looked for in the decoded text
         for seq in seqs:
             if not seq.is_finished:
-                decoded = seq.decoded if decodes and seq.request.stop else None
-                outputs.append(StepOutput(seq.request_id, [seq.output_ids[-1]], False, decoded=decoded))
+                text = seq.text_out.take() if seq.text_out is not None else ""
+                outputs.append(StepOutput(seq.request_id, [seq.output_ids[-1]], False, text=text))
         outputs += self._retire(finished, with_last_token=True)
         return outputs
 
@@ -471,62 +399,28 @@ class Engine:
             self._running.remove(seq)
             self.kv.release(seq.reserved_blocks, seq.block_table)
             if seq.lora_slot >= 0:
-                self._users[seq.lora_slot] -= 1
+                self.pool.release(seq.lora_slot)
             new = [seq.output_ids[-1]] if with_last_token and seq.output_ids else []
-            outputs.append(StepOutput(seq.request_id, new, True, seq.finish_reason))
+            text = seq.text_out.finish() if seq.text_out is not None else ""  # all the rest
+            outputs.append(StepOutput(seq.request_id, new, True, seq.finish_reason, text))
             self._finished[seq.request_id] = seq
         return outputs
 
-    def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
-        reqs = [s.request for s in seqs]
-        temps = [r.temperature for r in reqs]
-
-        def tensor(values: list[Any], dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
-
-        return SamplingBatch(
-            temperature=tensor(temps, torch.float32),
-            top_p=tensor([r.top_p for r in reqs], torch.float32),
-            top_k=tensor([r.top_k for r in reqs], torch.int64),
-            seeds=tensor([_seed_of(s) for s in seqs], torch.int64),
-            steps=tensor([len(s.output_ids) for s in seqs], torch.int64),
-            all_greedy=all(t == 0 for t in temps),
-            any_top_p=any(r.top_p < 1 for r in reqs),
-            any_top_k=any(r.top_k > 0 for r in reqs),
-        )
-
     def _check_stop(self, seq: Sequence) -> None:
         req, token = seq.request, seq.output_ids[-1]
-        eos = not req.ignore_eos and token in self.model.spec.eos_token_ids
-        stop_token = eos or token in req.stop_token_ids
-        if stop_token:
-            seq.finish_reason = FinishReason.STOP
-        elif req.stop and self.tokenizer is not None and self._hit_stop_string(seq):
-            seq.finish_reason = FinishReason.STOP_STRING
-        elif len(seq.output_ids) >= req.max_new_tokens or seq.length >= self.max_model_len:
+        out = seq.text_out  # only requests that stream text or have stop strings decode each step
+        if out is None and self.tokenizer is not None and (req.stream_text or req.stop):
+            out = seq.text_out = TextOutput(self.tokenizer, req.stop)
+        if (not req.ignore_eos and token in self.model.spec.eos_token_ids) or token in req.stop_token_ids:
+            seq.finish_reason = FinishReason.STOP  # the token stays out of the text
+            return
+        if out is not None:
+            out.add(token)
+            if out.stop_hit:
+                seq.finish_reason = FinishReason.STOP_STRING
+                return
+        if len(seq.output_ids) >= req.max_new_tokens or seq.length >= self.max_model_len:
             seq.finish_reason = FinishReason.LENGTH
-
-    def _hit_stop_string(self, seq: Sequence) -> bool:
-        # The text grows by an incremental decode of the newest tokens (decoding the whole output
-        # each step is O(n) per step); a stop string that the new text completes starts at most
-        # len(stop) - 1 characters before it, so only that tail is searched.
-        if seq.decoder is None:
-            seq.decoder = IncrementalDecoder(self._decode)
-        delta = seq.decoder.delta(seq.output_ids)
-        if not delta:
-            return False
-        start = len(seq.decoded)
-        seq.decoded += delta
-        text = seq.decoded
-        found = (text.find(s, max(0, start - len(s) + 1)) for s in seq.request.stop)
-        cut = min((i for i in found if i >= 0), default=-1)
-        if cut < 0:
-            return False
-        seq.text = text[:cut]
-        return True
-
-    def _decode(self, token_ids: TokenIds[int]) -> str:
-        return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
 
     # ----- offline use -----
 
@@ -538,23 +432,19 @@ class Engine:
         return [self.pop_output(i) for i in ids]
 
     def pop_output(self, request_id: str) -> GenerationOutput:
-        """The final output of a finished request (removed from the engine's memory)."""
+        """The final output of a finished request (removed from the engine's memory). Its text (None
+        without a tokenizer) leaves out the EOS or stop token that ended the output (the ids keep it)."""
         seq = self._finished.pop(request_id)
-        text = seq.text
         reason = seq.finish_reason or FinishReason.ABORTED
-        if text is None and self.tokenizer is not None:
-            # The text leaves out the EOS or stop token that ended the output (the ids keep it).
+        text: str | None = None
+        if seq.text_out is not None:  # decoded step by step: the steps' StepOutput.text joined
+            text = seq.text_out.text
+        elif self.tokenizer is not None:  # one decode
             ids = seq.output_ids[:-1] if reason == FinishReason.STOP else seq.output_ids
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
         return GenerationOutput(
             seq.request_id, list(seq.output_ids), reason, text, len(seq.request.prompt_ids)
         )
-
-
-def _seed_of(seq: Sequence) -> int:
-    if seq.request.seed is not None:
-        return seq.request.seed
-    return default_seed(seq.request_id)
 
 
 def _load_tokenizer(model_dir: Path) -> Any:

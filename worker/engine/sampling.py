@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from lorafleet.worker.engine.sequence import Sequence
 
 _MASK32 = 0xFFFFFFFF
 # Multipliers below 2**31 keep every product of a 32-bit value inside int64.
@@ -57,6 +61,28 @@ class SamplingBatch:
     all_greedy: bool
     any_top_p: bool
     any_top_k: bool
+
+    @classmethod
+    def of(cls, seqs: list[Sequence], device: torch.device) -> SamplingBatch:
+        """The parameters of the sequences of one step, in batch order. A request without a seed
+        samples with one of its request id (a re-run of the same id draws the same tokens)."""
+        reqs = [s.request for s in seqs]
+        temps = [r.temperature for r in reqs]
+        seeds = [default_seed(s.request_id) if s.request.seed is None else s.request.seed for s in seqs]
+
+        def tensor(values: list[Any], dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+        return cls(
+            temperature=tensor(temps, torch.float32),
+            top_p=tensor([r.top_p for r in reqs], torch.float32),
+            top_k=tensor([r.top_k for r in reqs], torch.int64),
+            seeds=tensor(seeds, torch.int64),
+            steps=tensor([len(s.output_ids) for s in seqs], torch.int64),
+            all_greedy=all(t == 0 for t in temps),
+            any_top_p=any(r.top_p < 1 for r in reqs),
+            any_top_k=any(r.top_k > 0 for r in reqs),
+        )
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lorafleet.worker.engine.output import TextOutput
 
 
 class FinishReason(enum.StrEnum):
@@ -23,6 +26,7 @@ class GenerationRequest:
 
     temperature 0 is greedy. With temperature > 0, `seed` makes the sampled tokens reproducible
     whatever else runs in the same batch (a request without a seed gets one from its id).
+    `stream_text`: each step's StepOutput carries the text its token adds (`StepOutput.text`).
     """
 
     prompt_ids: list[int]
@@ -35,6 +39,7 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    stream_text: bool = False
     request_id: str | None = None
 
     def __post_init__(self) -> None:
@@ -65,15 +70,20 @@ class GenerationOutput:
 
 @dataclass
 class StepOutput:
-    """What one engine step produced for one sequence: its new token, and whether it finished."""
+    """What one engine step produced for one sequence: its new token, and whether it finished.
+
+    `text`: for a request with `stream_text` or stop strings (decoded step by step), the text this
+    step adds that is safe to stream; "" for the others. Text that may still turn out to be the start
+    of a stop string, or an incomplete character, waits for a later step; the finishing step carries
+    all the rest. A request's `text`s, the finishing step's included, add up to its
+    `GenerationOutput.text` exactly.
+    """
 
     request_id: str
     new_token_ids: list[int]
     finished: bool
     finish_reason: FinishReason | None = None
-    # The output's text so far, where the engine decoded it this step (to look for stop strings), so
-    # that a streaming caller need not decode the same tokens again; None where it did not.
-    decoded: str | None = None
+    text: str = ""
 
 
 _seq_counter = itertools.count()
@@ -92,11 +102,9 @@ class Sequence:
     lora_slot: int = -1
     num_cached: int = 0  # tokens whose K/V are in the cache
     finish_reason: FinishReason | None = None
-    text: str | None = None
     order: int = field(default_factory=lambda: next(_seq_counter))
-    # Stop strings: the output's text so far, grown by an IncrementalDecoder (engine-owned).
-    decoder: Any = None
-    decoded: str = ""
+    # The output's text, decoded step by step: requests with stream_text or stop strings (engine-made).
+    text_out: TextOutput | None = None
 
     @property
     def length(self) -> int:

@@ -33,46 +33,29 @@ ARCHITECTURES: dict[str, str] = {
     "qwen3": "Qwen3ForCausalLM",
 }
 
+
 # Sizes by name. "tiny" is for CPU tests; "small" for the CPU demo; the last two are real shapes.
+# A row: the values of _SIZE_FIELDS in order, then any other config field by name.
+_SIZE_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "max_position_embeddings",
+)
+
+
+def _size(*values: int, **extra: Any) -> dict[str, Any]:
+    return {**dict(zip(_SIZE_FIELDS, values, strict=True)), **extra}
+
+
 SIZES: dict[str, dict[str, Any]] = {
-    "tiny": dict(
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=512,
-        max_position_embeddings=512,
-    ),
-    "small": dict(
-        hidden_size=256,
-        intermediate_size=704,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        vocab_size=2048,
-        max_position_embeddings=2048,
-    ),
-    "llama-3-1b": dict(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-    ),
-    "llama-3-8b": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-    ),
+    "tiny": _size(64, 160, 2, 4, 2, 512, 512),
+    "small": _size(256, 704, 4, 8, 4, 2048, 2048),
+    "llama-3-1b": _size(2048, 8192, 16, 32, 8, 128256, 8192, rope_theta=500000.0),
+    "llama-3-8b": _size(4096, 14336, 32, 32, 8, 128256, 8192, rope_theta=500000.0),
 }
 
 # What makes each family itself, on top of the size.

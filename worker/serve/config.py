@@ -6,12 +6,11 @@ import os
 import socket
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
+from lorafleet.producer.config import ENV_PREFIX, env_settings
 from lorafleet.producer.keys import DEFAULT_NAMESPACE, check_client_id, check_namespace
-
-ENV_PREFIX = "LORAFLEET_"
 
 
 @dataclass(frozen=True)
@@ -71,12 +70,7 @@ class WorkerConfig:
         cls, overrides: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
     ) -> WorkerConfig:
         """Fields from LORAFLEET_* variables, then `overrides` (e.g. command-line flags that were given)."""
-        env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            raw = env.get(ENV_PREFIX + f.name.upper())
-            if raw is not None:
-                values[f.name] = _parse(f.name, raw, f.type)
+        values = env_settings(cls, env)
         values.update({k: v for k, v in (overrides or {}).items() if v is not None})
         for required in ("model", "adapters"):
             if required not in values:
@@ -91,15 +85,3 @@ class WorkerConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         return getattr(torch, self.dtype)
-
-
-def _parse(name: str, raw: str, kind: Any) -> Any:
-    kind = str(kind)
-    try:
-        if kind == "int":
-            return int(raw)
-        if kind == "float":
-            return float(raw)
-    except ValueError as exc:
-        raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind}") from exc
-    return raw

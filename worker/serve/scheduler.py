@@ -31,23 +31,22 @@ nothing new, drain, and become the first eviction victims. Running sequences are
 
 from __future__ import annotations
 
-import enum
 import itertools
 import math
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-__all__ = [
-    "AdapterQueue",
-    "Admission",
-    "FleetView",
-    "LocalState",
-    "Plan",
-    "Reason",
-    "ResidentAdapter",
-    "Scheduler",
-    "SchedulerConfig",
-]
+from lorafleet.worker.serve.plan import (
+    AdapterQueue,
+    Admission,
+    FleetView,
+    LocalState,
+    Plan,
+    Reason,
+    ResidentAdapter,
+)
+
+__all__ = ["Scheduler", "SchedulerConfig"]
 
 
 def _is_number(value: object) -> bool:
@@ -116,120 +115,6 @@ class SchedulerConfig:
     def replica_bound(self, workers: int) -> int:
         """How many workers may hold one adapter through replication in a fleet of `workers`."""
         return max(1, min(self.max_replicas, math.floor(self.max_replica_fraction * workers)))
-
-
-@dataclass(frozen=True, slots=True)
-class AdapterQueue:
-    """One adapter's undelivered jobs, as the worker reads them from Redis.
-
-    adapter: the adapter id, None for the base model.
-    oldest_enqueued_at: enqueue time of its oldest undelivered job (the `{ns}:waiting` score, in s).
-    waiting: how many jobs are undelivered (XLEN minus the group's pending count).
-    """
-
-    adapter: str | None
-    oldest_enqueued_at: float
-    waiting: int
-
-
-@dataclass(frozen=True)
-class FleetView:
-    """What the fleet directory says.
-
-    resident: adapter -> ids of the workers that hold it loaded (this worker included). Adapters
-        still loading are not listed: their loader holds the lease instead.
-    leases: adapter -> id of the worker holding its live load lease (expired leases left out).
-    free_slots: every live worker (this one included) -> its free sequence slots at its last step.
-        Its size is the fleet size that bounds replication; a holder missing from it counts as full.
-    """
-
-    resident: Mapping[str, Collection[str]]
-    leases: Mapping[str, str]
-    free_slots: Mapping[str, int]
-
-    @property
-    def workers(self) -> int:
-        """Live workers in the fleet (at least this one)."""
-        return max(1, len(self.free_slots))
-
-
-@dataclass(slots=True)
-class ResidentAdapter:
-    """An adapter in one of this worker's slots (loaded or loading).
-
-    running: sequences of it admitted and not finished (those waiting for the load included).
-    loaded_at: when it was put in its slot.
-    last_used: when one of its sequences was last admitted or finished (the LRU order).
-    """
-
-    running: int
-    loaded_at: float
-    last_used: float
-
-
-@dataclass(frozen=True)
-class LocalState:
-    """This worker at the start of a step.
-
-    free_slots: sequence slots free for new jobs this step.
-    adapter_slots: GPU adapter slots in all (the base model needs none).
-    adapters: the adapters in those slots, by id.
-    """
-
-    free_slots: int
-    adapter_slots: int
-    adapters: Mapping[str, ResidentAdapter]
-
-    def __post_init__(self) -> None:
-        if self.free_slots < 0:
-            raise ValueError(f"free_slots must be >= 0, not {self.free_slots}")
-        if len(self.adapters) > self.adapter_slots:
-            raise ValueError(f"{len(self.adapters)} adapters resident in {self.adapter_slots} adapter_slots")
-
-
-class Reason(enum.StrEnum):
-    """Which rule admitted a queue."""
-
-    STARVING = "starving"
-    RESIDENT = "resident"
-    COLD = "cold"
-    REPLICA = "replica"
-
-
-@dataclass(frozen=True, slots=True)
-class Admission:
-    """Read up to `max_jobs` jobs of `adapter` and start them.
-
-    When `load` is set, first take the adapter's load lease (skip this admission if another worker
-    holds it), then unload `evict` (idle: no running sequence) if given, then load the adapter.
-    """
-
-    adapter: str | None
-    max_jobs: int
-    reason: Reason
-    load: bool = False
-    evict: str | None = None
-
-
-@dataclass(frozen=True)
-class Plan:
-    """The decision for one step.
-
-    admissions: in order; their max_jobs add up to at most the free sequence slots.
-    closed: adapters resident here that admit nothing new (exchange): they drain to be evicted.
-    recheck_at: when an idle worker should plan again even if nothing new arrives (the next time a
-        job left waiting crosses replicate_after or max_wait): the longest it may block on the wake
-        stream. None if only a new job can change the plan.
-    """
-
-    admissions: tuple[Admission, ...] = ()
-    closed: frozenset[str] = frozenset()
-    recheck_at: float | None = None
-
-    @property
-    def loads(self) -> tuple[Admission, ...]:
-        """The admissions that load an adapter."""
-        return tuple(a for a in self.admissions if a.load)
 
 
 @dataclass
@@ -391,6 +276,25 @@ class Scheduler:
                 step.admit(q, Reason.REPLICA)
         self._count_uses(step)
         return Plan(tuple(step.admissions), frozenset(self._closed), self._recheck_at(now, step, waiting))
+
+    def victim(self, now: float, local: LocalState, fleet: FleetView, among: Collection[str]) -> str | None:
+        """The adapter of `among` (idle ones) that a load outside any plan evicts, by the same order
+        as a plan's victims. The engine asks it when a job that started without a plan (claimed
+        from a dead worker) needs an adapter slot and none is free."""
+        idle = {a: s for a, s in local.adapters.items() if a in among and s.running == 0}
+        step = _Step(
+            worker_id=self.worker_id,
+            config=self.config,
+            local=LocalState(free_slots=0, adapter_slots=len(idle), adapters=idle),
+            fleet=fleet,
+            closed=self._closed,
+            has_jobs=set(),
+            now=now,
+            free=0,
+            free_adapter_slots=0,
+            uses=self._uses,
+        )
+        return step.victim()
 
     def _count_uses(self, step: _Step) -> None:
         """Add this plan's admissions to the use counts; now and then forget the adapters not here
