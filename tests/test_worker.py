@@ -19,9 +19,11 @@ import redis
 import torch
 
 from lorafleet.producer import Chunk, ErrorCode, JobFailed, Keys, Producer, Result
+from lorafleet.producer.consumer import read_jobs
 from lorafleet.worker.engine import synthetic
 from lorafleet.worker.engine.engine import Engine
 from lorafleet.worker.engine.sequence import GenerationRequest
+from lorafleet.worker.serve import fleet
 
 ADAPTERS = [f"team-{i}" for i in range(5)]
 
@@ -778,8 +780,6 @@ def test_a_claimed_job_that_needs_an_adapter_slot_evicts_by_the_schedulers_polic
     """A job claimed from a dead worker starts without a plan; when its adapter finds every slot
     taken by idle adapters, the one that goes is the scheduler's choice (the fewest recent jobs
     here), not the engine's own least recently used: one eviction policy in the worker."""
-    from lorafleet.producer.consumer import read_jobs
-
     worker = inproc(visibility_timeout=1.0)
     keys = Keys()
     spec = dict(max_new_tokens=2, temperature=0.0)
@@ -801,3 +801,68 @@ def test_a_claimed_job_that_needs_an_adapter_slot_evicts_by_the_schedulers_polic
     assert list(result.token_ids) == expected_tokens(store, [5, 8], ADAPTERS[2], 2)
     resident = {k.partition("@")[0] for k in worker.engine.resident_adapters}
     assert resident == {ADAPTERS[0], ADAPTERS[2]}  # the once-used adapter went, the popular one stayed
+
+
+def test_a_load_lease_is_held_while_the_adapter_is_fetched_and_released_once_it_is_resident(
+    redis_url, inproc, monkeypatch
+):
+    """The lease outlives its TTL while the fetch is slow (renewed), and goes as soon as the adapter
+    is in a device slot, after the directory entry that shows it there: other workers never see
+    the adapter neither leased nor resident."""
+    worker = inproc()
+    ttl = worker.intake.scheduler.config.lease_ttl
+    store_open = threading.Event()
+    fetch = worker.adapters._fetch
+    monkeypatch.setattr(worker.adapters, "_fetch", lambda load: (store_open.wait(30), fetch(load)))
+    keys = Keys()
+    client = redis.Redis.from_url(redis_url, protocol=2)
+    seen: list[tuple[bool, bool]] = []  # (leased, resident in the directory), after each turn
+    try:
+        with Producer(redis_url) as producer:
+            handle = producer.submit(
+                prompt_ids=[5, 6, 7], adapter=ADAPTERS[0], max_new_tokens=3, temperature=0.0
+            )
+            deadline = time.monotonic() + 1.5 * ttl
+            while time.monotonic() < deadline:  # the fetch takes longer than the lease's TTL
+                worker.turn()
+                time.sleep(0.05)
+            assert client.get(keys.lease(ADAPTERS[0])) == b"inproc"
+            assert worker.parked
+            store_open.set()
+
+            def observe():
+                entries = {w.id: w for w in fleet.live_workers(client, keys)}
+                resident = ADAPTERS[0] in (entries["inproc"].resident if "inproc" in entries else [])
+                seen.append((client.exists(keys.lease(ADAPTERS[0])) == 1, resident))
+                return isinstance(_result_now(handle), Result) and not seen[-1][0]
+
+            turn_until(worker, observe, timeout=60)
+    finally:
+        store_open.set()
+    assert seen[-1] == (False, True)  # released, and the directory shows it here
+    assert (False, False) not in seen  # never unleased before the directory showed it
+
+
+def test_jobs_other_workers_run_do_not_count_as_waiting(redis_url, inproc):
+    """A queue's waiting count is its undelivered jobs (length minus the group's pending): five jobs
+    another worker is running and one waiting must not look like a backlog its holder cannot keep
+    up with, so this worker does not load a replica of the adapter for them."""
+    worker = inproc(max_wait=60.0)
+    keys = Keys()
+    client = redis.Redis.from_url(redis_url, protocol=2)
+    holder = fleet.WorkerEntry(id="holder", heartbeat=time.time(), free_slots=2, resident=[ADAPTERS[1]])
+    fleet.publish(client, keys, holder, ttl=60)
+    for other in ("idle-1", "idle-2"):  # a fleet of four: one adapter may have two holders
+        fleet.publish(client, keys, fleet.WorkerEntry(id=other, heartbeat=time.time(), free_slots=6), ttl=60)
+    with Producer(redis_url) as producer:
+        for i in range(5):
+            producer.submit(prompt_ids=[5, 6, i + 1], adapter=ADAPTERS[1], max_new_tokens=3)
+        assert len(read_jobs(client, keys, [ADAPTERS[1]], "holder", count=5)) == 5  # running there
+        producer.submit(prompt_ids=[5, 6, 9], adapter=ADAPTERS[1], max_new_tokens=3)
+        for _ in range(20):
+            worker.turn()
+    assert worker.engine.adapters == []  # no replica was loaded here
+    assert client.xlen(keys.jobs(ADAPTERS[1])) == 6  # the waiting job waits for its holder
+    summary = client.xpending(keys.jobs(ADAPTERS[1]), keys.group)
+    assert summary["pending"] == 5
+    assert [c["name"] for c in summary["consumers"]] == [b"holder"]

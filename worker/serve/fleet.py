@@ -99,6 +99,26 @@ def take_lease(r: redis.Redis, keys: Keys, queue: str, worker_id: str, ttl: floa
     return holder is not None and holder.decode() == worker_id  # type: ignore[union-attr]
 
 
+# Compare-and-act on a lease: only its holder may release or renew it (a lease that expired and was
+# taken by another worker is left alone). KEYS[1] the lease, ARGV[1] the holder, ARGV[2] TTL in ms
+# (renew) or 0 (release). Returns 1 if this holder's lease was released or renewed, else 0.
+_SETTLE_LEASE = """\
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == '0' then return redis.call('DEL', KEYS[1]) end
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+"""
+
+
+def release_lease(r: redis.Redis, keys: Keys, queue: str, worker_id: str) -> bool:
+    """Release this worker's load lease of a queue's adapter (its load is done or given up)."""
+    return bool(r.eval(_SETTLE_LEASE, 1, keys.lease(queue), worker_id, "0"))
+
+
+def renew_lease(r: redis.Redis, keys: Keys, queue: str, worker_id: str, ttl: float) -> bool:
+    """Extend this worker's lease while the adapter is still on its way; False if it is not held."""
+    return bool(r.eval(_SETTLE_LEASE, 1, keys.lease(queue), worker_id, str(max(1, int(ttl * 1000)))))
+
+
 def leases(r: redis.Redis, keys: Keys, queues: list[str]) -> dict[str, str]:
     """Live leases among `queues`: queue -> worker id."""
     if not queues:

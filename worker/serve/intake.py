@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import redis
@@ -33,6 +34,9 @@ from lorafleet.worker.serve.scheduler import Scheduler, SchedulerConfig
 
 # Bad queue names retired per call of the loop (a few round trips each).
 PURGES_PER_TURN = 16
+# The fleet directory a plan that may load an adapter reads is at most this old (seconds): a load
+# decided on an older view may duplicate one another worker just finished.
+DIRECTORY_MAX_AGE_S = 0.1
 
 
 class Intake:
@@ -60,7 +64,10 @@ class Intake:
         self.jobs = JobTable()
         self.residency = Residency(engine)
         self.scheduler = Scheduler(config.name, SchedulerConfig(max_wait=config.max_wait))
-        self.fleet_view = FleetView(resident={}, leases={}, free_slots={})  # as of the last heartbeat
+        self.fleet_view = FleetView(resident={}, leases={}, free_slots={})  # see refresh_directory
+        self._directory_at = 0.0  # when the fleet view was read
+        self.leases: dict[str, float] = {}  # queue -> when this worker took (or renewed) its load lease
+        self.recheck_at: float | None = None  # the last plan's: when to plan again with no new job
         # Numbers each start, so that a request id is never reused: a job handed back and claimed
         # again before the engine retired its old sequence must not be taken for it.
         self._starts = itertools.count()
@@ -94,6 +101,7 @@ class Intake:
 
     def admit(self, now: float) -> bool:
         """Read the waiting queues, plan by the scheduler, carry the plan out; True if jobs came."""
+        self.recheck_at = None
         free = self.free_slots()
         if free <= 0:
             return False
@@ -101,32 +109,44 @@ class Intake:
         self.purge(bad)
         if not waiting:
             return False
+        # One round trip: each queue's length, its group's pending count and its load lease. A
+        # queue's waiting jobs are its entries not delivered yet: XLEN minus the group's pending
+        # (answered entries are deleted). A key of another type answers errors: counted as one job
+        # (its read drops it from the index).
         pipe = self.redis.pipeline(transaction=False)
         for queue, _ in waiting:
-            pipe.xlen(self.keys.jobs_of_queue(queue))
-        # (a queue key of another type answers an error: counted as one job; its read drops it)
-        lengths = [0 if isinstance(n, Exception) else int(n) for n in pipe.execute(raise_on_error=False)]
-        queues = [
-            AdapterQueue(adapter_of_queue(q), oldest, max(1, n - self.jobs.on_queue(q)))
-            for (q, oldest), n in zip(waiting, lengths, strict=True)
-        ]
+            stream = self.keys.jobs_of_queue(queue)
+            pipe.xlen(stream)
+            pipe.xpending(stream, self.keys.group)
+            pipe.get(self.keys.lease(queue))
+        replies = pipe.execute(raise_on_error=False)
+        queues, leases = [], {}
+        for i, (queue, oldest) in enumerate(waiting):
+            length, pending, holder = replies[3 * i : 3 * i + 3]
+            count = int(length) if isinstance(length, int) else 1
+            count -= int(pending["pending"]) if isinstance(pending, dict) else 0
+            adapter = adapter_of_queue(queue)
+            queues.append(AdapterQueue(adapter, oldest, max(1, count)))
+            if adapter is not None and isinstance(holder, bytes):
+                leases[adapter] = holder.decode(errors="replace")
         adapters = self.local_adapters()
+        if self._may_load(queues, adapters) and now - self._directory_at >= DIRECTORY_MAX_AGE_S:
+            self.refresh_directory(now)  # who holds what, as fresh as a load decision needs it
         # Jobs claimed from dead workers start without a plan and may oversubscribe the slots: then
         # none is free (the engine runs the excess as slots free up), only idle ones are evicted.
         slots = max(self.config.max_loras, len(adapters))
         local = LocalState(free_slots=free, adapter_slots=slots, adapters=adapters)
-        held = fleet.leases(self.redis, self.keys, [q for q, _ in waiting])
-        view = FleetView(
-            resident=self.fleet_view.resident,
-            leases={adapter_of_queue(q) or "": w for q, w in held.items()},
-            free_slots=self.fleet_view.free_slots,
-        )
+        view = FleetView(self.fleet_view.resident, leases, self.fleet_view.free_slots)
         plan = self.scheduler.plan(now, local, queues, view)
+        self.recheck_at = plan.recheck_at
         took = False
+        ttl = self.scheduler.config.lease_ttl
         for admission in plan.admissions:
             queue = queue_name(admission.adapter)
-            if admission.load and not fleet.take_lease(self.redis, self.keys, queue, self.config.name, 2.0):
-                continue
+            if admission.load:
+                if not fleet.take_lease(self.redis, self.keys, queue, self.config.name, ttl):
+                    continue
+                self.leases.setdefault(queue, now)
             if admission.evict is not None:
                 self.residency.evict(admission.evict)
             if admission.load and admission.adapter is not None:
@@ -135,6 +155,55 @@ class Intake:
             self.accept_many(deliveries, now)
             took = took or bool(deliveries)
         return took
+
+    @staticmethod
+    def _may_load(queues: list[AdapterQueue], here: Mapping[str, ResidentAdapter]) -> bool:
+        """Whether a plan may load an adapter: some queue's adapter is not in a slot here."""
+        return any(q.adapter is not None and q.adapter not in here for q in queues)
+
+    def refresh_directory(self, now: float) -> None:
+        """Read the fleet directory: which workers hold which adapters, and their free slots."""
+        workers = fleet.live_workers(self.redis, self.keys)
+        holders: dict[str, set[str]] = {}
+        for worker in workers:
+            for queue in worker.resident:
+                adapter = adapter_of_queue(queue)
+                if adapter is not None:
+                    holders.setdefault(adapter, set()).add(worker.id)
+        self.fleet_view = FleetView(
+            resident={a: frozenset(ids) for a, ids in holders.items()},
+            leases={},
+            free_slots={w.id: w.free_slots for w in workers},
+        )
+        self._directory_at = now
+
+    def settle_leases(self, now: float) -> list[str]:
+        """The queues whose load lease this worker can give up: their adapter is in a device slot now
+        (the caller publishes its directory entry first, so that other workers see the adapter
+        resident before the lease goes), or its load was given up (no slot reserved for it any
+        more). Leases of loads still under way are renewed at half their TTL."""
+        if not self.leases:
+            return []
+        in_slots = set(self.residency.in_device_slots())
+        reserved = self.residency.reserved()
+        ttl = self.scheduler.config.lease_ttl
+        done = []
+        for queue, taken in list(self.leases.items()):
+            adapter = adapter_of_queue(queue) or ""
+            if adapter.partition("@")[0] in in_slots or adapter not in reserved:
+                done.append(queue)
+            elif now - taken >= ttl / 2:
+                if fleet.renew_lease(self.redis, self.keys, queue, self.config.name, ttl):
+                    self.leases[queue] = now
+                else:  # expired meanwhile (or taken over): nothing of ours to release
+                    del self.leases[queue]
+        return done
+
+    def release_leases(self, queues: list[str]) -> None:
+        """Give up the leases of `queues` (see `settle_leases`)."""
+        for queue in queues:
+            self.leases.pop(queue, None)
+            fleet.release_lease(self.redis, self.keys, queue, self.config.name)
 
     def purge(self, raw_queues: list[bytes]) -> None:
         """Retire queues whose names are not valid (a producer skipped the checks): their jobs are

@@ -32,7 +32,7 @@ class FleetView:
     resident: adapter -> ids of the workers that hold it loaded (this worker included). Adapters
         still loading are not listed: their loader holds the lease instead.
     leases: adapter -> id of the worker holding its live load lease (expired leases left out).
-    free_slots: every live worker (this one included) -> its free sequence slots at its last step.
+    free_slots: every live worker (this one included) -> its free sequence slots in its last entry.
         Its size is the fleet size that bounds replication; a holder missing from it counts as full.
     """
 

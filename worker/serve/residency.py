@@ -67,6 +67,10 @@ class Residency:
         key = slot.engine_key if slot is not None and slot.engine_key else adapter
         self._engine.evict_adapter(key)
 
+    def reserved(self) -> set[str]:
+        """Adapter ids holding a slot here: in a device slot, or loading into one."""
+        return set(self._slots)
+
     def adapter_of(self, engine_key: str) -> str | None:
         """The adapter id whose slot holds `engine_key`, if it is one of ours."""
         return next((a for a, s in self._slots.items() if s.engine_key == engine_key), None)

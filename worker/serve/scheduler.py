@@ -20,9 +20,11 @@ in the order a plan applies them to this worker's free sequence slots:
 
 Loads go with a lease: the worker takes the adapter's load lease (SET NX PX lease_ttl) before it
 loads and skips that admission if another worker holds it, so workers that decide at the same
-moment do not all load the same cold adapter (an eviction storm). Nobody releases a lease: it
-expires after `lease_ttl`; a load that finishes sooner shows in the fleet directory at the loader's
-next heartbeat. At most `max_loads_per_step` loads start per step.
+moment do not all load the same cold adapter (an eviction storm). The loader renews its lease
+while the adapter is on its way, and once the adapter is in a device slot it publishes its
+directory entry (so that the adapter shows resident there) and then releases the lease; a lease
+whose loader died expires after `lease_ttl`. A plan that may load reads a directory at most 100 ms
+old. At most `max_loads_per_step` loads start per step.
 
 Exchange: when jobs that could load here find no adapter slot because every slot holds an adapter
 with running sequences, adapters that have held their slot past `cycle_time` are closed: they admit
@@ -58,7 +60,8 @@ class SchedulerConfig:
     """Knobs of the policy; times in seconds.
 
     max_wait: the starvation bound: a job older than this is admitted by any worker with room.
-    lease_ttl: expiry of a load lease (the worker sets it; the policy only reads who holds leases).
+    lease_ttl: expiry of a load lease that is not renewed (its loader died); the worker takes,
+        renews and releases leases, the policy only reads who holds them.
     cycle_time: how long an adapter keeps its slot before it may be closed for exchange. Keep
         cycle_time + one job's run time + one adapter load below max_wait, so that a cold job
         that waits for an exchange still meets the bound.

@@ -25,7 +25,7 @@ import redis
 import structlog
 
 from lorafleet.producer.consumer import ReplyBatch, wait_for_work, wake_position
-from lorafleet.producer.keys import Keys, adapter_of_queue, queue_name
+from lorafleet.producer.keys import Keys, queue_name
 from lorafleet.producer.protocol import ErrorCode
 from lorafleet.worker.adapters.manager import AdapterManager
 from lorafleet.worker.adapters.registry import Registry
@@ -37,7 +37,6 @@ from lorafleet.worker.serve.config import WorkerConfig
 from lorafleet.worker.serve.intake import Intake
 from lorafleet.worker.serve.jobs import ParkedJob, RunningJob
 from lorafleet.worker.serve.metrics import Metrics
-from lorafleet.worker.serve.plan import FleetView
 from lorafleet.worker.serve.recovery import claim_stale, refresh_claims
 from lorafleet.worker.serve.reply_sender import ReplySender
 from lorafleet.worker.store.models import fetch_model
@@ -109,6 +108,7 @@ class Worker:
         self._started = time.time()
         self._next = {"heartbeat": 0.0, "claims": 0.0, "recover": 0.0}
         self._tokens_window: list[tuple[float, int]] = []
+        self._published: list[str] = []  # adapters in device slots as the directory last showed them
 
     @property
     def running(self) -> dict[str, RunningJob]:
@@ -185,7 +185,12 @@ class Worker:
             time.sleep(0.01)
             return True
         if position is not None and not took:
-            wait_for_work(self.redis, self.keys, position, block=self.config.idle_block)
+            # Until a job arrives, or until a job left waiting may be planned otherwise (it crosses
+            # the replication or starvation bound): the plan's recheck time.
+            block = self.config.idle_block
+            if self.intake.recheck_at is not None:
+                block = min(block, max(0.0, self.intake.recheck_at - time.time()))
+            wait_for_work(self.redis, self.keys, position, block=block)
         return took
 
     def wait_replies(self, timeout: float | None = None) -> bool:
@@ -324,9 +329,14 @@ class Worker:
                     self.engine.abort(rid)
             for parked in self.jobs.unpark_all():  # still waiting for an adapter: hand back too
                 self.answers.hand_back(parked.delivery)
-        if now >= self._next["heartbeat"]:
+        # The directory entry goes out every heartbeat, and at once when the adapters in this
+        # worker's slots changed: a load this worker leased shows as resident before its lease goes.
+        settled = self.intake.settle_leases(now)
+        moved = sorted(self.intake.residency.in_device_slots()) != self._published
+        if now >= self._next["heartbeat"] or settled or moved:
             self._next["heartbeat"] = now + self.config.heartbeat_interval
             self._heartbeat(now)
+        self.intake.release_leases(settled)
         if now >= self._next["claims"]:
             self._next["claims"] = now + self.config.visibility_timeout / 3
             refresh_claims(self.redis, self.keys, self.config.name, self.jobs.deliveries())
@@ -381,6 +391,7 @@ class Worker:
                 self.intake.accept_many([delivery], now)
 
     def _heartbeat(self, now: float) -> None:
+        """Publish this worker's directory entry, then read everyone's (the fleet view plans use)."""
         horizon = now - 10.0
         self._tokens_window = [(t, n) for t, n in self._tokens_window if t >= horizon]
         tokens_per_s = sum(n for _, n in self._tokens_window) / 10.0
@@ -395,18 +406,8 @@ class Worker:
             draining=self.draining,
         )  # fmt: skip
         fleet.publish(self.redis, self.keys, entry, self.config.heartbeat_ttl)
-        workers = fleet.live_workers(self.redis, self.keys)
-        holders: dict[str, set[str]] = {}
-        for worker in workers:
-            for queue in worker.resident:
-                adapter = adapter_of_queue(queue)
-                if adapter is not None:
-                    holders.setdefault(adapter, set()).add(worker.id)
-        self.intake.fleet_view = FleetView(
-            resident={a: frozenset(ids) for a, ids in holders.items()},
-            leases={},
-            free_slots={w.id: w.free_slots for w in workers},
-        )
+        self._published = sorted(resident)
+        self.intake.refresh_directory(now)
 
     def _shutdown(self) -> None:
         self._sender.close()  # the last steps' replies
