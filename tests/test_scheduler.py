@@ -115,6 +115,27 @@ def test_oldest_cold_adapter_is_loaded_into_a_free_slot() -> None:
     assert p.admissions == (Admission("old", 1, Reason.COLD, load=True, evict=None),)
 
 
+def test_cold_adapters_left_waiting_are_named_for_prefetch_oldest_first() -> None:
+    """With every adapter slot busy, the cold adapters of the oldest jobs are what this worker loads
+    next: the plan names them (up to max_prefetch) so that their fetch starts now. Adapters held
+    or being loaded by another worker are not this worker's to fetch."""
+    lc = local(4, 2, a=slot(running=1), b=slot(running=2))
+    queues = [
+        q("young", 0.1),
+        q("older", 0.5),
+        q("oldest", 0.9),
+        q("held", 1.0),
+        q("leased", 1.1),
+        q("b", 1.2),
+    ]
+    fv = fleet(resident={"a": {"w0"}, "b": {"w0"}, "held": {"w1"}}, leases={"leased": "w2"})
+    p = plan(lc, queues, fv)
+    assert picked(p) == [("b", 1)]  # resident here; no slot for a cold one
+    assert p.prefetch == ("oldest", "older")
+    assert plan(lc, queues, fv, SchedulerConfig(max_prefetch=0)).prefetch == ()
+    assert plan(local(4, 3, a=slot(running=1), b=slot()), queues, fv).prefetch == ("older", "young")
+
+
 def test_load_evicts_the_least_recently_used_idle_adapter() -> None:
     lc = local(
         4,

@@ -866,3 +866,48 @@ def test_jobs_other_workers_run_do_not_count_as_waiting(redis_url, inproc):
     summary = client.xpending(keys.jobs(ADAPTERS[1]), keys.group)
     assert summary["pending"] == 5
     assert [c["name"] for c in summary["consumers"]] == [b"holder"]
+
+
+@pytest.mark.parametrize("max_prefetch", [2, 0])
+def test_a_cold_adapter_waiting_for_a_slot_is_fetched_into_host_memory_meanwhile(
+    redis_url, inproc, max_prefetch
+):
+    """Both adapter slots are busy with long jobs; a job of a third adapter waits for one. Its adapter
+    is fetched store -> host memory while it waits (prefetch), so that once a slot frees its load
+    is only the copy to the device; with prefetching off it is not touched until then."""
+    from lorafleet.worker.serve.scheduler import SchedulerConfig
+
+    worker = inproc()
+    worker.intake.scheduler.config = SchedulerConfig(
+        max_wait=worker.config.max_wait, max_prefetch=max_prefetch
+    )
+    long = dict(max_new_tokens=400, ignore_eos=True, temperature=0.0)
+    with Producer(redis_url) as producer:
+        busy = [producer.submit(prompt_ids=[5, 6, i + 1], adapter=ADAPTERS[i], **long) for i in range(2)]
+        turn_until(worker, lambda: worker.engine.num_running == 2)
+        cold = producer.submit(prompt_ids=[5, 6, 9], adapter=ADAPTERS[2], max_new_tokens=2, temperature=0.0)
+        ref = None
+        for _ in range(30):
+            worker.turn()
+            ref = ref or _resolved(worker, ADAPTERS[2])
+            if ref is not None and worker.adapters.state(ref)[0] == "ready":
+                break
+            time.sleep(0.02)
+        assert worker.engine.num_running == 2  # the long jobs still hold both slots
+        assert all(j.job.adapter != ADAPTERS[2] for j in worker.running.values())
+        assert not worker.parked
+        state = "absent" if ref is None else worker.adapters.state(ref)[0]
+        assert state == ("ready" if max_prefetch else "absent")
+        for handle in busy:
+            handle.cancel()
+        turn_until(worker, lambda: _result_now(cold) is not None, timeout=60)
+    assert isinstance(_result_now(cold), Result)
+
+
+def _resolved(worker, adapter):
+    from lorafleet.worker.adapters.manager import AdapterNotFound, AdapterPending
+
+    try:
+        return worker.adapters.resolve(adapter)
+    except (AdapterPending, AdapterNotFound):
+        return None

@@ -37,6 +37,8 @@ PURGES_PER_TURN = 16
 # The fleet directory a plan that may load an adapter reads is at most this old (seconds): a load
 # decided on an older view may duplicate one another worker just finished.
 DIRECTORY_MAX_AGE_S = 0.1
+# How often one adapter the plans name for prefetching is looked at (seconds).
+PREFETCH_EVERY_S = 1.0
 
 
 class Intake:
@@ -68,6 +70,7 @@ class Intake:
         self._directory_at = 0.0  # when the fleet view was read
         self.leases: dict[str, float] = {}  # queue -> when this worker took (or renewed) its load lease
         self.recheck_at: float | None = None  # the last plan's: when to plan again with no new job
+        self._prefetched: dict[str, float] = {}  # adapter -> when a prefetch last looked at it
         # Numbers each start, so that a request id is never reused: a job handed back and claimed
         # again before the engine retired its old sequence must not be taken for it.
         self._starts = itertools.count()
@@ -139,6 +142,7 @@ class Intake:
         view = FleetView(self.fleet_view.resident, leases, self.fleet_view.free_slots)
         plan = self.scheduler.plan(now, local, queues, view)
         self.recheck_at = plan.recheck_at
+        self.prefetch(plan.prefetch, now)
         took = False
         ttl = self.scheduler.config.lease_ttl
         for admission in plan.admissions:
@@ -155,6 +159,24 @@ class Intake:
             self.accept_many(deliveries, now)
             took = took or bool(deliveries)
         return took
+
+    def prefetch(self, adapters: tuple[str, ...], now: float) -> None:
+        """Start fetching into host memory the adapters the plan will load next (`Plan.prefetch`),
+        so that their jobs, once admitted, wait for the copy to the device only. Each adapter is
+        looked at most once every PREFETCH_EVERY_S (a resolve costs a Redis read)."""
+        for adapter in adapters:
+            if now - self._prefetched.get(adapter, -PREFETCH_EVERY_S) < PREFETCH_EVERY_S:
+                continue
+            self._prefetched[adapter] = now
+            try:
+                ref = self.adapters.resolve(adapter)
+            except (AdapterPending, AdapterNotFound):  # being looked up (that is a start), or no such
+                continue
+            if self.adapters.state(ref)[0] not in ("ready", "failed"):
+                self.log.debug("prefetching", adapter=adapter, version=ref.version)
+                self.adapters.ensure(ref)
+        if len(self._prefetched) > 1024:
+            self._prefetched = {a: t for a, t in self._prefetched.items() if now - t < PREFETCH_EVERY_S}
 
     @staticmethod
     def _may_load(queues: list[AdapterQueue], here: Mapping[str, ResidentAdapter]) -> bool:

@@ -113,11 +113,15 @@ class Plan:
     recheck_at: when an idle worker should plan again even if nothing new arrives (the next time a
         job left waiting crosses replicate_after or max_wait): the longest it may block on the wake
         stream. None if only a new job can change the plan.
+    prefetch: adapters this worker would load next, oldest job first (cold here and resident
+        nowhere, not admitted now for want of a sequence or adapter slot): fetched store -> disk ->
+        host memory meanwhile, so that their load, when a slot frees, is only the copy to the device.
     """
 
     admissions: tuple[Admission, ...] = ()
     closed: frozenset[str] = frozenset()
     recheck_at: float | None = None
+    prefetch: tuple[str, ...] = ()
 
     @property
     def loads(self) -> tuple[Admission, ...]:

@@ -73,6 +73,7 @@ class SchedulerConfig:
     max_replicas: at most this many workers hold one adapter through replication...
     max_replica_fraction: ...and at most this fraction of the fleet (at least one worker).
     max_loads_per_step: adapter loads one worker starts per step.
+    max_prefetch: adapters a plan names for prefetching (`Plan.prefetch`); 0 turns it off.
     spare_after: an idle adapter that other workers hold too and that has not been used here for
         this long is evicted before any sole copy (which would turn cold). Hot adapters' replicas
         are in constant use, so this never churns them.
@@ -88,6 +89,7 @@ class SchedulerConfig:
     max_replicas: int = 8
     max_replica_fraction: float = 0.5
     max_loads_per_step: int = 2
+    max_prefetch: int = 2
     spare_after: float = 5.0
     use_half_life: float = 20.0
 
@@ -107,6 +109,12 @@ class SchedulerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, not {value!r}")
+        if (
+            not isinstance(self.max_prefetch, int)
+            or isinstance(self.max_prefetch, bool)
+            or self.max_prefetch < 0
+        ):
+            raise ValueError(f"max_prefetch must be an integer >= 0, not {self.max_prefetch!r}")
         fraction = self.max_replica_fraction
         if not (_is_number(fraction) and 0 < fraction <= 1):
             raise ValueError(f"max_replica_fraction must be in (0, 1], not {fraction!r}")
@@ -278,7 +286,21 @@ class Scheduler:
             elif self._needs_replica(now, step, q):
                 step.admit(q, Reason.REPLICA)
         self._count_uses(step)
-        return Plan(tuple(step.admissions), frozenset(self._closed), self._recheck_at(now, step, waiting))
+        recheck_at = self._recheck_at(now, step, waiting)
+        return Plan(
+            tuple(step.admissions), frozenset(self._closed), recheck_at, self._prefetch(step, waiting)
+        )
+
+    def _prefetch(self, step: _Step, waiting: Sequence[AdapterQueue]) -> tuple[str, ...]:
+        """The cold adapters of the oldest jobs this plan leaves waiting (`waiting` is sorted oldest
+        first): this worker loads them next once a slot frees, unless another worker does first."""
+        names: list[str] = []
+        for q in waiting:
+            if len(names) >= self.config.max_prefetch:
+                break
+            if q.adapter is not None and q.adapter not in step.chosen and self._is_cold(step, q):
+                names.append(q.adapter)
+        return tuple(names)
 
     def victim(self, now: float, local: LocalState, fleet: FleetView, among: Collection[str]) -> str | None:
         """The adapter of `among` (idle ones) that a load outside any plan evicts, by the same order
