@@ -69,12 +69,13 @@ class _Lua:
         object.__setattr__(self, "sha", hashlib.sha1(self.text.encode()).hexdigest())
 
 
-_READ, _FINAL, _DEAD, _CHUNKS, _FORGET = (
+_READ, _FINAL, _DEAD, _CHUNKS, _FORGET, _SETTLE = (
     _Lua(scripts.READ),
     _Lua(scripts.FINAL),
     _Lua(scripts.DEAD),
     _Lua(scripts.CHUNKS),
     _Lua(scripts.FORGET),
+    _Lua(scripts.SETTLE),
 )
 
 
@@ -163,11 +164,12 @@ def wait_for_work(r: redis.Redis, keys: Keys, after: bytes, block: float) -> byt
 def read_jobs(
     r: redis.Redis, keys: Keys, queues: Sequence[str], consumer: str, count: int = 16
 ) -> list[Delivery]:
-    """XREADGROUP up to `count` new jobs from each queue and update `waiting` in the same atomic step."""
+    """XREADGROUP up to `count` new jobs from each queue and update `waiting` (and `pending`, for
+    the queues it delivers from) in the same atomic step."""
     if not queues:
         return []
     streams = [keys.jobs_of_queue(q) for q in queues]
-    flat = _run(r, _READ, [keys.waiting, *streams], [keys.group, consumer, count, *queues])
+    flat = _run(r, _READ, [keys.waiting, keys.pending, *streams], [keys.group, consumer, count, *queues])
     out = []
     for i in range(0, len(flat), 3):
         queue = text(flat[i])
@@ -220,7 +222,8 @@ def publish_final(
     reply_ttl: int,
     group: str = Keys.GROUP,
 ) -> bool:
-    """Atomically append the final reply, refresh the reply stream's expiry, XACK and XDEL the job.
+    """Atomically append the final reply, refresh the reply stream's expiry, XACK and XDEL the job
+    (and take its queue out of `pending`, and out of `queues` when its stream is left empty).
 
     Returns False (and writes nothing) when the entry was no longer pending: another worker that
     claimed it has answered already. When `reply_to` holds a key of another type, nobody can be
@@ -229,21 +232,26 @@ def publish_final(
     return bool(_run(r, _FINAL, *_final_call(stream, entry_id, reply, reply_to, reply_ttl, group)))
 
 
-def _dead_of(stream: str) -> str:
-    """The dead-letter stream of the namespace of a job stream (queue names hold no ':')."""
-    return _dead_stream(stream[: stream.rindex(":jobs:")])
+def _split_stream(stream: str) -> tuple[Keys, str]:
+    """The keys of the namespace of a job stream, and its queue (valid queue names hold no ':')."""
+    at = stream.rindex(":jobs:")
+    return _keys_of(stream[:at]), stream[at + len(":jobs:") :]
 
 
 @functools.lru_cache(maxsize=16)
-def _dead_stream(namespace: str) -> str:
-    return Keys(namespace).dead  # (once per namespace: every final reply needs it)
+def _keys_of(namespace: str) -> Keys:
+    return Keys(namespace)  # (once per namespace: every final reply needs it)
 
 
 def _final_call(
     stream: str, entry_id: str, reply: Reply, reply_to: str, reply_ttl: int, group: str
 ) -> tuple[list[str], list[Any]]:
     """KEYS and ARGV of the FINAL script."""
-    return [stream, reply_to, _dead_of(stream)], [group, entry_id, encode_reply(reply), reply_ttl * 1000]
+    keys, queue = _split_stream(stream)
+    return (
+        [stream, reply_to, keys.dead, keys.pending, keys.queues],
+        [group, entry_id, encode_reply(reply), reply_ttl * 1000, queue],
+    )
 
 
 class ReplyBatch:
@@ -345,9 +353,10 @@ def dead_letter(
     reply_to: str | None = None,
     reply_ttl: int = 3600,
 ) -> bool:
-    """Atomically copy the job to the dead-letter stream, optionally reply, XACK and XDEL it."""
-    stream_keys = [delivery.stream, keys.dead]
-    args: list[Any] = [keys.group, delivery.entry_id, delivery.payload, reason, deliveries]
+    """Atomically copy the job to the dead-letter stream, optionally reply, XACK and XDEL it (and take
+    its queue out of `pending`, and out of `queues` when its stream is left empty)."""
+    stream_keys = [delivery.stream, keys.dead, keys.pending, keys.queues]
+    args: list[Any] = [keys.group, delivery.entry_id, delivery.payload, reason, deliveries, delivery.queue]
     if reply is not None and reply_to is not None:
         stream_keys.append(reply_to)
         args += [encode_reply(reply), reply_ttl * 1000]
@@ -380,7 +389,7 @@ def purge_queue(
     stream = keys.jobs_prefix.encode() + raw_queue
     # READ takes the new entries and the queue out of `waiting` in one step (a submit in between
     # puts it back); entries another consumer left pending are claimed once idle.
-    flat = _run(r, _READ, [keys.waiting, stream], [keys.group, consumer, count, raw_queue])
+    flat = _run(r, _READ, [keys.waiting, keys.pending, stream], [keys.group, consumer, count, raw_queue])
     entries = [(bytes(flat[i + 1]), bytes(flat[i + 2])) for i in range(0, len(flat), 3)]
     try:
         claimed = r.execute_command(
@@ -390,9 +399,30 @@ def purge_queue(
         claimed = [b"0-0", []]
     entries += [(bytes(e[0]), job_field(e[1])) for e in claimed[1] if e is not None and e[1] is not None]
     for entry_id, payload in entries:
-        _dead_letter_raw(r, keys, stream, entry_id, payload, why, worker)
-    _run(r, _FORGET, [stream, keys.queues], [raw_queue])
+        _dead_letter_raw(r, keys, raw_queue, entry_id, payload, why, worker)
+    _run(r, _FORGET, [stream, keys.queues, keys.pending], [raw_queue])
     return len(entries)
+
+
+def settle_queues(
+    r: redis.Redis, keys: Keys, queues: Sequence[tuple[bytes | str, Sequence[bytes | str]]]
+) -> int:
+    """Set `pending` right for `queues` in one atomic step (the SETTLE script), each given with entry
+    ids it held pending that may have been deleted since: those no longer in the stream are
+    acknowledged (Redis 6.2 keeps a deleted entry pending for ever). A queue with entries pending is
+    put in `pending`, any other (nothing pending, no stream, no group) taken out, and out of `queues`
+    too when its stream holds no job. Names may be raw bytes (keys are built from the bytes).
+    Returns the entries acknowledged."""
+    if not queues:
+        return 0
+    stream_keys: list[Any] = [keys.pending, keys.queues]
+    args: list[Any] = [keys.group]
+    prefix = keys.jobs_prefix.encode()
+    for queue, entry_ids in queues:
+        raw = queue.encode() if isinstance(queue, str) else bytes(queue)
+        stream_keys.append(prefix + raw)
+        args += [raw, len(entry_ids), *entry_ids]
+    return int(_run(r, _SETTLE, stream_keys, args))
 
 
 def job_field(fields: Any) -> bytes:
@@ -417,11 +447,11 @@ def routing_of(payload: bytes, keys: Keys) -> tuple[str | None, str | None, int,
 
 
 def _dead_letter_raw(
-    r: redis.Redis, keys: Keys, stream: bytes, entry_id: bytes, payload: bytes, reason: str, worker: str
+    r: redis.Redis, keys: Keys, raw_queue: bytes, entry_id: bytes, payload: bytes, reason: str, worker: str
 ) -> None:
-    """Dead-letter one entry of a job stream given by its raw key, answering it where it can be."""
-    stream_keys: list[Any] = [stream, keys.dead]
-    args: list[Any] = [keys.group, entry_id, payload, reason, 1]
+    """Dead-letter one entry of a job stream given by its raw queue name, answering it where it can be."""
+    stream_keys: list[Any] = [keys.jobs_prefix.encode() + raw_queue, keys.dead, keys.pending, keys.queues]
+    args: list[Any] = [keys.group, entry_id, payload, reason, 1, raw_queue]
     job_id, reply_to, ttl, metadata = routing_of(payload, keys)
     if job_id is not None and reply_to is not None:
         reply = ErrorReply.of(job_id, ErrorCode.INVALID_REQUEST, reason, worker=worker, metadata=metadata)

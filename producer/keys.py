@@ -152,7 +152,9 @@ class Keys:
         GROUP             ``workers``            the consumer group on every job stream
     Indexes and signals:
         waiting           ``{ns}:waiting``       sorted set: queue -> enqueue ms of its oldest undelivered job
-        queues            ``{ns}:queues``        set: every queue ever submitted to (for recovery scans)
+        queues            ``{ns}:queues``        set: the queues submitted to that still hold jobs (pruned
+                                                 when a queue's last job is answered; a submit re-adds it)
+        pending           ``{ns}:pending``       set: the queues with entries pending in the group (recovery)
         wake              ``{ns}:wake``          stream, an entry per queue that starts waiting; workers block
         dead              ``{ns}:dead``          stream of dead-lettered jobs
     Per client and per job:
@@ -215,8 +217,16 @@ class Keys:
 
     @property
     def queues(self) -> str:
-        """Set of every queue name that has been submitted to."""
+        """Set of the queue names submitted to whose streams may still hold jobs: the submit script adds
+        a queue when it starts waiting, the final-reply and dead-letter scripts remove it when its
+        stream is left empty with nothing pending."""
         return f"{self.namespace}:queues"
+
+    @property
+    def pending(self) -> str:
+        """Set of the queues whose job streams have entries pending in the consumer group (delivered,
+        not yet answered): the worker scripts keep it, so that recovery looks at these queues only."""
+        return f"{self.namespace}:pending"
 
     @property
     def wake(self) -> str:

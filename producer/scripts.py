@@ -1,11 +1,27 @@
 """The Lua scripts of protocol v1: each is one atomic step on the Redis server.
 
-`SUBMIT` is published verbatim in docs/protocol.md (a test keeps the two equal) so that producers
-in other languages run the very same script. The worker-side scripts (`READ`, `FINAL`, `DEAD`,
-`CHUNKS`, `FORGET`) keep the `waiting` index right, make "reply + XACK + XDEL" one step, write a
-step's streamed chunks in one command and retire the queues of bad names; `lorafleet.producer.consumer`
-wraps them. All of them run on
-Redis 6.2 and later (exclusive XRANGE bounds need 6.2).
+Every script is published verbatim in docs/protocol.md (a test keeps the two equal): `SUBMIT` so
+that producers in other languages run the very same script, the worker-side ones as the contract
+of a worker. The worker-side scripts (`READ`, `FINAL`, `DEAD`, `CHUNKS`, `FORGET`, `SETTLE`) keep
+the indexes right, make "reply + XACK + XDEL" one step, write a step's streamed chunks in one command
+and retire the queues of bad names; `lorafleet.producer.consumer` wraps them.
+
+The indexes, and which script keeps each:
+
+- ``{ns}:waiting`` (queues with undelivered jobs): SUBMIT adds a queue (``ZADD NX``), READ moves
+  its score on or removes it when it delivers the last undelivered entry.
+- ``{ns}:pending`` (queues with entries pending in the group: delivered, not answered): READ adds a
+  queue when it delivers entries from it; FINAL and DEAD remove it when their XACK left nothing
+  pending in its stream; FORGET removes it with the queue; SETTLE sets it right for given queues.
+  Claims (XCLAIM) only move entries that are pending already, so they need not touch it. Recovery
+  reads this set, never the set of every queue: its cost follows the work in flight.
+- ``{ns}:queues`` (queues that may hold jobs): SUBMIT adds a queue when it starts waiting (its
+  ``ZADD NX`` added it to ``waiting``); FINAL and DEAD remove it when its stream is left empty
+  with nothing pending. A pruned queue is in no index: a queue is in ``waiting`` only while its
+  stream holds an undelivered entry, so an empty stream means it is not waiting, and the next
+  submit's ``ZADD NX`` adds it to ``waiting`` and ``queues`` again.
+
+All of them run on Redis 6.2 and later (exclusive XRANGE bounds need 6.2).
 """
 
 from __future__ import annotations
@@ -41,15 +57,16 @@ return {'ok', id}
 
 READ = """\
 -- lorafleet worker read, protocol v1: XREADGROUP new entries and keep {ns}:waiting right
--- KEYS[1] {ns}:waiting   KEYS[2..n] job streams
--- ARGV[1] group   ARGV[2] consumer   ARGV[3] COUNT per stream   ARGV[4..] queue of KEYS[2..n]
+-- KEYS[1] {ns}:waiting   KEYS[2] {ns}:pending   KEYS[3..n] job streams
+-- ARGV[1] group   ARGV[2] consumer   ARGV[3] COUNT per stream   ARGV[4..] queue of KEYS[3..n]
 -- Returns a flat array: queue, entry id, job bytes, queue, entry id, job bytes, ...
 -- A job stream without the group (written by hand, not by the submit script) gets it, from its first
--- entry; a queue whose key is missing or not a stream leaves the index.
+-- entry; a queue whose key is missing or not a stream leaves the index. A queue it delivers entries
+-- from joins {ns}:pending.
 local out = {}
 local count = tonumber(ARGV[3])
-for i = 2, #KEYS do
-  local queue = ARGV[i + 2]
+for i = 3, #KEYS do
+  local queue = ARGV[i + 1]
   local oldest = false
   if redis.call('TYPE', KEYS[i]).ok == 'stream' then
     local read = {'XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', count, 'STREAMS', KEYS[i], '>'}
@@ -69,6 +86,9 @@ for i = 2, #KEYS do
       out[#out + 1] = entry[1]
       out[#out + 1] = job
     end
+    if #entries > 0 then
+      redis.call('SADD', KEYS[2], queue)
+    end
     if #entries == count then
       local more = redis.call('XRANGE', KEYS[i], '(' .. entries[#entries][1], '+', 'COUNT', 1)
       if #more > 0 then oldest = more[1][1] end
@@ -85,14 +105,18 @@ return out
 
 FINAL = """\
 -- lorafleet final reply, protocol v1: reply, XACK and XDEL in one step
--- KEYS[1] job stream   KEYS[2] reply stream   KEYS[3] {ns}:dead
--- ARGV[1] group   ARGV[2] entry id   ARGV[3] reply (msgpack)   ARGV[4] reply TTL (ms)
+-- KEYS[1] job stream   KEYS[2] reply stream   KEYS[3] {ns}:dead   KEYS[4] {ns}:pending
+-- KEYS[5] {ns}:queues
+-- ARGV[1] group   ARGV[2] entry id   ARGV[3] reply (msgpack)   ARGV[4] reply TTL (ms)   ARGV[5] queue
 -- Returns 1; 0 (and writes nothing) when the entry was not pending: another worker answered it;
 -- -1 when the reply stream cannot take the reply (its key holds another type): the job is
 -- dead-lettered instead, so that it never stays acknowledged in its stream.
+-- When nothing is left pending in the stream, the queue leaves {ns}:pending, and {ns}:queues too
+-- when the stream is empty.
 if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then
   return 0
 end
+local answered = 1
 local sent = redis.pcall('XADD', KEYS[2], '*', 'r', ARGV[3])
 if type(sent) == 'table' and sent.err then
   local job = ''
@@ -104,12 +128,18 @@ if type(sent) == 'table' and sent.err then
   end
   redis.call('XADD', KEYS[3], '*', 'j', job, 'stream', KEYS[1], 'entry', ARGV[2],
     'reason', 'reply not written to ' .. KEYS[2] .. ': ' .. sent.err, 'deliveries', 0)
-  redis.call('XDEL', KEYS[1], ARGV[2])
-  return -1
+  answered = -1
+else
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
 end
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
 redis.call('XDEL', KEYS[1], ARGV[2])
-return 1
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1) == 0 then
+  redis.call('SREM', KEYS[4], ARGV[5])
+  if redis.call('XLEN', KEYS[1]) == 0 then
+    redis.call('SREM', KEYS[5], ARGV[5])
+  end
+end
+return answered
 """
 
 CHUNKS = """\
@@ -129,33 +159,44 @@ return written
 
 DEAD = """\
 -- lorafleet dead letter, protocol v1: copy to {ns}:dead, optionally reply, XACK and XDEL in one step
--- KEYS[1] job stream   KEYS[2] {ns}:dead   KEYS[3] reply stream (optional)
+-- KEYS[1] job stream   KEYS[2] {ns}:dead   KEYS[3] {ns}:pending   KEYS[4] {ns}:queues
+-- KEYS[5] reply stream (optional)
 -- ARGV[1] group   ARGV[2] entry id   ARGV[3] job bytes   ARGV[4] reason   ARGV[5] deliveries
--- ARGV[6] reply (msgpack, with KEYS[3])   ARGV[7] reply TTL (ms, with KEYS[3])
+-- ARGV[6] queue   ARGV[7] reply (msgpack, with KEYS[5])   ARGV[8] reply TTL (ms, with KEYS[5])
 -- Returns 1, or 0 (and writes nothing) when the entry was not pending. A reply the reply stream
 -- cannot take (its key holds another type) is left out and the reason says so.
+-- When nothing is left pending in the stream, the queue leaves {ns}:pending, and {ns}:queues too
+-- when the stream is empty.
 if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then
   return 0
 end
 local reason = ARGV[4]
-if KEYS[3] then
-  local sent = redis.pcall('XADD', KEYS[3], '*', 'r', ARGV[6])
+if KEYS[5] then
+  local sent = redis.pcall('XADD', KEYS[5], '*', 'r', ARGV[7])
   if type(sent) == 'table' and sent.err then
-    reason = reason .. '; reply not written to ' .. KEYS[3] .. ': ' .. sent.err
+    reason = reason .. '; reply not written to ' .. KEYS[5] .. ': ' .. sent.err
   else
-    redis.call('PEXPIRE', KEYS[3], ARGV[7])
+    redis.call('PEXPIRE', KEYS[5], ARGV[8])
   end
 end
 redis.call('XADD', KEYS[2], '*', 'j', ARGV[3], 'stream', KEYS[1], 'entry', ARGV[2],
   'reason', reason, 'deliveries', ARGV[5])
 redis.call('XDEL', KEYS[1], ARGV[2])
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1) == 0 then
+  redis.call('SREM', KEYS[3], ARGV[6])
+  if redis.call('XLEN', KEYS[1]) == 0 then
+    redis.call('SREM', KEYS[4], ARGV[6])
+  end
+end
 return 1
 """
 
 FORGET = """\
--- lorafleet forget a queue, protocol v1: drop a queue from {ns}:queues once its stream holds nothing
--- KEYS[1] job stream   KEYS[2] {ns}:queues   ARGV[1] queue
--- Returns 1 when the queue was dropped (an empty job stream is deleted), 0 when entries remain.
+-- lorafleet forget a queue, protocol v1: drop a queue from {ns}:queues and {ns}:pending once its
+-- stream holds nothing
+-- KEYS[1] job stream   KEYS[2] {ns}:queues   KEYS[3] {ns}:pending   ARGV[1] queue
+-- Returns 1 when the queue was dropped (an empty job stream is deleted, with its group and whatever
+-- it still counted as pending), 0 when entries remain.
 local kind = redis.call('TYPE', KEYS[1]).ok
 if kind == 'stream' then
   if redis.call('XLEN', KEYS[1]) > 0 then
@@ -164,5 +205,53 @@ if kind == 'stream' then
   redis.call('DEL', KEYS[1])
 end
 redis.call('SREM', KEYS[2], ARGV[1])
+redis.call('SREM', KEYS[3], ARGV[1])
 return 1
+"""
+
+SETTLE = """\
+-- lorafleet settle queues, protocol v1: set {ns}:pending right for some queues, and acknowledge
+-- entries deleted while pending
+-- KEYS[1] {ns}:pending   KEYS[2] {ns}:queues   KEYS[3..n] job streams
+-- ARGV[1] group   then for each of KEYS[3..n] in turn: its queue, a count k, and k entry ids
+-- Each of those entry ids that is no longer in its stream is acknowledged (an entry deleted while
+-- pending stays pending for ever on Redis 6.2). A queue with entries pending joins {ns}:pending;
+-- any other (nothing pending, its key missing or not a stream, no group) leaves it, and leaves
+-- {ns}:queues too when it holds no jobs. Returns the number of entries acknowledged.
+local acked = 0
+local a = 2
+for i = 3, #KEYS do
+  local queue = ARGV[a]
+  local ids = {}
+  for j = 1, tonumber(ARGV[a + 1]) do
+    ids[j] = ARGV[a + 1 + j]
+  end
+  a = a + 2 + #ids
+  local kind = redis.call('TYPE', KEYS[i]).ok
+  local pending = false
+  if kind == 'stream' then
+    local rows = redis.pcall('XPENDING', KEYS[i], ARGV[1], '-', '+', 1)
+    if not rows.err then
+      local before = acked
+      for _, id in ipairs(ids) do
+        if #redis.call('XRANGE', KEYS[i], id, id) == 0 then
+          acked = acked + redis.call('XACK', KEYS[i], ARGV[1], id)
+        end
+      end
+      if acked > before then
+        rows = redis.call('XPENDING', KEYS[i], ARGV[1], '-', '+', 1)
+      end
+      pending = #rows > 0
+    end
+  end
+  if pending then
+    redis.call('SADD', KEYS[1], queue)
+  else
+    redis.call('SREM', KEYS[1], queue)
+    if kind == 'none' or (kind == 'stream' and redis.call('XLEN', KEYS[i]) == 0) then
+      redis.call('SREM', KEYS[2], queue)
+    end
+  end
+end
+return acked
 """

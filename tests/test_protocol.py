@@ -76,6 +76,7 @@ def test_key_layout():
     assert keys.group == Keys.GROUP == "workers"
     assert keys.waiting == "lorafleet:waiting"
     assert keys.queues == "lorafleet:queues"
+    assert keys.pending == "lorafleet:pending"
     assert keys.wake == "lorafleet:wake"
     assert keys.dead == "lorafleet:dead"
     assert keys.reply("c1") == "lorafleet:reply:c1"
@@ -324,7 +325,7 @@ def test_entry_time():
 # -- docs/protocol.md -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["SUBMIT", "READ", "FINAL", "DEAD", "CHUNKS", "FORGET"])
+@pytest.mark.parametrize("name", ["SUBMIT", "READ", "FINAL", "DEAD", "CHUNKS", "FORGET", "SETTLE"])
 def test_docs_publish_the_scripts_verbatim(name):
     match = re.search(rf"<!-- script:{name} -->\n```lua\n(.*?)```", DOC.read_text(), re.DOTALL)
     assert match is not None, f"docs/protocol.md has no script:{name} block"
@@ -334,7 +335,8 @@ def test_docs_publish_the_scripts_verbatim(name):
 def test_docs_name_every_key():
     text = DOC.read_text()
     keys = Keys("{ns}")
-    for key in (keys.jobs_of_queue("{queue}"), keys.waiting, keys.queues, keys.wake, keys.dead, keys.cancels):
+    named = (keys.jobs_of_queue("{queue}"), keys.waiting, keys.queues, keys.pending, keys.wake, keys.dead)
+    for key in (*named, keys.cancels):
         assert f"`{key}`" in text
     for pattern in ("{ns}:reply:{client_id}", "{ns}:cancel:{job_id}", "{ns}:job:{job_id}", "`workers`"):
         assert pattern in text

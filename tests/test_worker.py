@@ -881,13 +881,14 @@ def test_a_cold_adapter_waiting_for_a_slot_is_fetched_into_host_memory_meanwhile
     worker.intake.scheduler.config = SchedulerConfig(
         max_wait=worker.config.max_wait, max_prefetch=max_prefetch
     )
-    long = dict(max_new_tokens=400, ignore_eos=True, temperature=0.0)
+    long = dict(max_new_tokens=1500, ignore_eos=True, temperature=0.0)
     with Producer(redis_url) as producer:
         busy = [producer.submit(prompt_ids=[5, 6, i + 1], adapter=ADAPTERS[i], **long) for i in range(2)]
         turn_until(worker, lambda: worker.engine.num_running == 2)
         cold = producer.submit(prompt_ids=[5, 6, 9], adapter=ADAPTERS[2], max_new_tokens=2, temperature=0.0)
         ref = None
-        for _ in range(30):
+        deadline = time.monotonic() + 2  # the long jobs run for longer than that
+        while time.monotonic() < deadline:
             worker.turn()
             ref = ref or _resolved(worker, ADAPTERS[2])
             if ref is not None and worker.adapters.state(ref)[0] == "ready":

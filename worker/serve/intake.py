@@ -170,7 +170,10 @@ class Intake:
             self._prefetched[adapter] = now
             try:
                 ref = self.adapters.resolve(adapter)
-            except (AdapterPending, AdapterNotFound):  # being looked up (that is a start), or no such
+            except AdapterPending:  # being looked up in the store (that is a start): ask again soon
+                self._prefetched[adapter] = now - PREFETCH_EVERY_S + 0.1
+                continue
+            except AdapterNotFound:
                 continue
             if self.adapters.state(ref)[0] not in ("ready", "failed"):
                 self.log.debug("prefetching", adapter=adapter, version=ref.version)

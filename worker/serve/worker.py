@@ -37,7 +37,7 @@ from lorafleet.worker.serve.config import WorkerConfig
 from lorafleet.worker.serve.intake import Intake
 from lorafleet.worker.serve.jobs import ParkedJob, RunningJob
 from lorafleet.worker.serve.metrics import Metrics
-from lorafleet.worker.serve.recovery import claim_stale, refresh_claims
+from lorafleet.worker.serve.recovery import claim_stale, refresh_claims, seed_pending_index
 from lorafleet.worker.serve.reply_sender import ReplySender
 from lorafleet.worker.store.models import fetch_model
 from lorafleet.worker.store.settings import StoreSettings
@@ -108,6 +108,7 @@ class Worker:
         self._started = time.time()
         self._next = {"heartbeat": 0.0, "claims": 0.0, "recover": 0.0}
         self._tokens_window: list[tuple[float, int]] = []
+        self._seeded = False  # the pending index seeded (once, at the first recovery pass)
         self._published: list[str] = []  # adapters in device slots as the directory last showed them
 
     @property
@@ -373,6 +374,9 @@ class Worker:
                 self.engine.abort(rid)
 
     def _recover(self, now: float) -> None:
+        if not self._seeded:  # jobs left pending by workers of a version without {ns}:pending
+            seed_pending_index(self.redis, self.keys)
+            self._seeded = True
         free = self.intake.free_slots()
         if free <= 0:
             return
