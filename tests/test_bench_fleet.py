@@ -1,0 +1,36 @@
+"""benchmarks/bench_fleet.py end to end at its smallest: 2 real worker processes with the timing engine, a
+real Redis, ~20 jobs replayed through the Producer, the simulator beside it; every job answered and the
+JSON written (into a temporary folder, not benchmarks/results)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_fleet.py"
+
+
+def test_two_workers_answer_every_job_and_write_the_results(tmp_path: Path) -> None:
+    cmd = [
+        sys.executable, str(BENCH), "--workers", "2", "--slots", "4", "--adapters", "20", "--jobs", "20",
+        "--tokens", "8", "--batch", "4", "--load", "0.4", "--step-ms", "20", "--load-ms", "10",
+        "--timeout", "30", "--no-plot",
+        "--assets", str(tmp_path / "assets"), "--results-dir", str(tmp_path / "results"),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data = json.loads((tmp_path / "results" / "bench_fleet.json").read_text())
+    sides = {row["side"]: row for row in data["rows"]}
+    assert set(sides) == {"real", "sim ours", "sim ours, 1 s directory", "sim fifo-lru"}
+    real = sides["real"]
+    assert real["submitted"] > 0
+    assert real["answered"] == real["submitted"]
+    assert real["errors"] == {}
+    assert real["wrong_length"] == 0
+    assert real["turn_failed"] == 0
+    assert real["redis_commands_per_job"] > 0
+    assert real["wait_p50_ms"] >= 0
+    (run,) = data["redis_commands_per_job"]
+    assert run["commands_per_job"]["evalsha"] > 0  # the producer's submits are counted too
