@@ -912,3 +912,24 @@ def _resolved(worker, adapter):
         return worker.adapters.resolve(adapter)
     except (AdapterPending, AdapterNotFound):
         return None
+
+
+def test_the_directory_shows_at_once_when_a_worker_has_no_free_sequence_slot(redis_url, inproc):
+    """Other workers replicate an adapter when its holders have no free slot: a worker publishes its
+    entry as soon as its last free sequence slot is taken, not only at its next heartbeat."""
+    worker = inproc(heartbeat_interval=60.0, heartbeat_ttl=120.0)
+    keys = Keys()
+    client = redis.Redis.from_url(redis_url, protocol=2)
+    spec = dict(max_new_tokens=300, ignore_eos=True, temperature=0.0)
+    with Producer(redis_url) as producer:
+        worker.turn()  # the first heartbeat: 6 free slots
+        (entry,) = fleet.live_workers(client, keys)
+        assert entry.free_slots == 6
+        handles = [producer.submit(prompt_ids=[5, 6, i + 1], **spec) for i in range(6)]
+        turn_until(worker, lambda: worker.engine.num_running == 6)
+        worker.turn()
+        (entry,) = fleet.live_workers(client, keys)
+        assert entry.free_slots == 0  # long before the next heartbeat
+        for handle in handles:
+            handle.cancel()
+        turn_until(worker, lambda: not worker.running)

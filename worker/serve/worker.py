@@ -109,7 +109,7 @@ class Worker:
         self._next = {"heartbeat": 0.0, "claims": 0.0, "recover": 0.0}
         self._tokens_window: list[tuple[float, int]] = []
         self._seeded = False  # the pending index seeded (once, at the first recovery pass)
-        self._published: list[str] = []  # adapters in device slots as the directory last showed them
+        self._published: tuple[list[str], bool] = ([], False)  # `_directory_facts` last published
 
     @property
     def running(self) -> dict[str, RunningJob]:
@@ -330,13 +330,17 @@ class Worker:
                     self.engine.abort(rid)
             for parked in self.jobs.unpark_all():  # still waiting for an adapter: hand back too
                 self.answers.hand_back(parked.delivery)
-        # The directory entry goes out every heartbeat, and at once when the adapters in this
-        # worker's slots changed: a load this worker leased shows as resident before its lease goes.
+        # The directory entry goes out every heartbeat (with a read of everyone's), and at once when
+        # what other workers plan with changed here: the adapters in this worker's slots (a load it
+        # leased shows as resident before its lease goes), or whether it has a free sequence slot
+        # (holders without one are what makes another worker load a replica).
         settled = self.intake.settle_leases(now)
-        moved = sorted(self.intake.residency.in_device_slots()) != self._published
-        if now >= self._next["heartbeat"] or settled or moved:
+        if now >= self._next["heartbeat"]:
             self._next["heartbeat"] = now + self.config.heartbeat_interval
-            self._heartbeat(now)
+            self._publish(now)
+            self.intake.refresh_directory(now)
+        elif settled or self._published != self._directory_facts():
+            self._publish(now)
         self.intake.release_leases(settled)
         if now >= self._next["claims"]:
             self._next["claims"] = now + self.config.visibility_timeout / 3
@@ -394,8 +398,13 @@ class Worker:
             else:
                 self.intake.accept_many([delivery], now)
 
-    def _heartbeat(self, now: float) -> None:
-        """Publish this worker's directory entry, then read everyone's (the fleet view plans use)."""
+    def _directory_facts(self) -> tuple[list[str], bool]:
+        """What other workers' plans read from this worker's entry: its adapters in device slots,
+        and whether it has a free sequence slot."""
+        return sorted(self.intake.residency.in_device_slots()), self.intake.free_slots() > 0
+
+    def _publish(self, now: float) -> None:
+        """Publish this worker's directory entry (heartbeat, residency, free slots)."""
         horizon = now - 10.0
         self._tokens_window = [(t, n) for t, n in self._tokens_window if t >= horizon]
         tokens_per_s = sum(n for _, n in self._tokens_window) / 10.0
@@ -410,8 +419,7 @@ class Worker:
             draining=self.draining,
         )  # fmt: skip
         fleet.publish(self.redis, self.keys, entry, self.config.heartbeat_ttl)
-        self._published = sorted(resident)
-        self.intake.refresh_directory(now)
+        self._published = self._directory_facts()
 
     def _shutdown(self) -> None:
         self._sender.close()  # the last steps' replies
