@@ -511,6 +511,19 @@ def real_metrics(out: dict[str, Any], trace: Trace, step_s: float, warmup: float
         for q in (50, 99):
             parts[f"{part}_p{q}_ms"] = pct(values, q)
     span = out["end"]
+    # Steps stalled by the worker's host work: the device idled past a step's end waiting for the
+    # loop to finish housekeeping and admission (the steps the host was in time for count as 0).
+    stalls = np.array([t for w in out["workers"] for t in w.get("stalls", [])])
+    stall_share = stalls.size / max(steps, 1)
+    row.update(
+        stalled_steps=int(stalls.size),
+        stalled_share=stall_share,
+        stall_p99_ms=1e3
+        * float(np.percentile(np.concatenate([stalls, np.zeros(max(steps - stalls.size, 0))]), 99))
+        if steps
+        else None,
+        stall_max_ms=1e3 * float(stalls.max()) if stalls.size else 0.0,
+    )
     row.update(
         answered=len(answered), submitted=n, errors=out["errors"], wrong_length=wrong_length,
         ttft_p50_ms=pct(ttft[window], 50),
@@ -558,6 +571,10 @@ def report(real: dict[str, Any], top: list[tuple[str, float]]) -> None:
         f"mean batch {real['mean_batch']:.1f}, device busy {100 * real['device_busy']:.0f}%, "
         f"jobs per worker {real['jobs_per_worker']}; loop turns per job {real['turns_per_job']:.1f} "
         f"({real['turns_with_parked_per_job']:.1f} with jobs parked for a fetch)"
+    )
+    print(
+        f"  steps stalled by the worker's host work: {100 * real['stalled_share']:.1f}%; "
+        f"stall p99 {real['stall_p99_ms'] or 0:.1f} ms, max {real['stall_max_ms']:.1f} ms"
     )
     parts = ("queue_wait", "adapter_load", "prefill")
     print(

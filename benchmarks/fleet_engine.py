@@ -46,15 +46,20 @@ TOKEN = 5  # what every step generates: an ordinary token of the synthetic vocab
 
 class _DeviceDone:
     """Stands in for the CUDA event `Engine.finish` waits on: `synchronize` sleeps until the step's
-    device time is over."""
+    device time is over. Called after the device was done, it records how late the host came: the
+    time the device idled because the worker's host work (housekeeping, admission) outlasted the
+    step, i.e. how long the step was stalled by it."""
 
-    def __init__(self, deadline: float):
+    def __init__(self, deadline: float, stalls: list[float]):
         self.deadline = deadline
+        self.stalls = stalls
 
     def synchronize(self) -> None:
         left = self.deadline - time.perf_counter()
         if left > 0:
             time.sleep(left)
+        else:
+            self.stalls.append(-left)
 
 
 class TimingEngine(Engine):
@@ -67,6 +72,7 @@ class TimingEngine(Engine):
         self.steps = 0
         self.seq_steps = 0  # sum over steps of the sequences in the step
         self.device_busy = 0.0  # seconds of steps and loads
+        self.stalls: list[float] = []  # seconds the device idled past a step's end, waiting for the host
         self._debt = 0.0  # device seconds of loads made for the coming step
         self._deadline = 0.0
         self._logits: dict[int, torch.Tensor] = {}
@@ -101,7 +107,7 @@ class TimingEngine(Engine):
         return logits
 
     def _to_host(self, ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        return ids, _DeviceDone(self._deadline)
+        return ids, _DeviceDone(self._deadline, self.stalls)
 
 
 def worker_main(spec: dict[str, Any]) -> None:
@@ -147,6 +153,7 @@ def worker_main(spec: dict[str, Any]) -> None:
         "steps": engine.steps,
         "seq_steps": engine.seq_steps,
         "device_busy_s": engine.device_busy,
+        "stalls": engine.stalls,
         **turns,
         "adapter_manager": dict(worker.adapters.stats),
         "cpu_s": usage.ru_utime + usage.ru_stime,
