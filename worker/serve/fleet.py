@@ -15,7 +15,6 @@ from typing import Any
 import redis
 
 from lorafleet.producer.keys import Keys, adapter_of_queue, queue_label
-from lorafleet.producer.streams import text
 
 
 @dataclass
@@ -117,14 +116,6 @@ def release_lease(r: redis.Redis, keys: Keys, queue: str, worker_id: str) -> boo
 def renew_lease(r: redis.Redis, keys: Keys, queue: str, worker_id: str, ttl: float) -> bool:
     """Extend this worker's lease while the adapter is still on its way; False if it is not held."""
     return bool(r.eval(_SETTLE_LEASE, 1, keys.lease(queue), worker_id, str(max(1, int(ttl * 1000)))))
-
-
-def leases(r: redis.Redis, keys: Keys, queues: list[str]) -> dict[str, str]:
-    """Live leases among `queues`: queue -> worker id."""
-    if not queues:
-        return {}
-    values = r.mget([keys.lease(q) for q in queues])
-    return {q: text(v) for q, v in zip(queues, values, strict=True) if v is not None}
 
 
 def fleet_status(r: redis.Redis, keys: Keys) -> dict[str, Any]:

@@ -58,9 +58,6 @@ class JobTable:
         self.running: dict[str, RunningJob] = {}
         self.parked: dict[str, ParkedJob] = {}
 
-    def __len__(self) -> int:
-        return len(self.running) + len(self.parked)
-
     def park(self, delivery: Delivery, job: Job, received_at: float) -> None:
         """Hold `job` until its adapter is in host memory (parked again: keeps the first arrival)."""
         self.parked.setdefault(
