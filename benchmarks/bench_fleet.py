@@ -2,8 +2,10 @@
 a real Redis, the simulator's trace replayed in real time through the `Producer`; then the simulator
 (benchmarks/simulator.py) on that very trace with the same step and load times (`PerfModel` with a
 constant step), for its "ours" (the same `Scheduler` code the workers run) and "fifo-lru" (the
-baseline) policies, and "ours" once more with the fleet directory's free-slot counts as stale as the
-worker keeps them ("ours, 1 s directory": published at each 1 s heartbeat only, see SIM_SIDES).
+baseline) policies, each on the ideal worker and on the model of the real one (`Workload.real_worker`:
+admission one step late, loads on the step, the directory as fresh as the worker keeps it, 64 queues
+per plan; see SIM_SIDES). The real fleet runs once per `--prefetch` setting: "real" with the
+scheduler's default (2 adapters named for prefetching per plan), "real, no prefetch" with 0.
 
 What runs:
 - Workers: `Worker(config, engine=TimingEngine)` processes (benchmarks/fleet_engine.py), forked from a
@@ -31,6 +33,9 @@ Definitions, the same for both sides, over the jobs that arrive in [warmup, dura
   it includes the device load of its adapter and any wait for the fetch into host memory. Real:
   time to first token from the worker's `Result.timings` (queue_wait + adapter_load + prefill: the
   worker stamps the first token when the step that made it is finished) minus one `--step-ms` step.
+- cold wait (real): the wait of the jobs whose adapter was not in a device slot of their worker when
+  they were admitted (a device load of it on that worker between their admission and the end of
+  their first step), the wait prefetching shortens.
 - loads/1k: device loads (the engine's `AdapterSlots.load`; simulator: its loads) in
   [warmup, duration), per 1,000 jobs admitted in that window (real: admitted = read from the queue).
 - throughput: jobs finished in the window per second.
@@ -78,22 +83,23 @@ from chaos_fleet import turn_failures, warnings_by_event
 from common import print_table, write_results
 from simulator import PerfModel, Simulation, Trace, Workload
 
+from lorafleet.worker.serve.scheduler import SchedulerConfig
+
 NAMESPACE = "benchfleet"
 PROMPT = [5, 6, 7, 8]
 PROTOTYPES = 16  # distinct adapters on disk; the store's names are hard links to them
 MAX_TOKENS = 2048  # job lengths are clipped here (the synthetic model's context holds them)
-# The simulated sides: (name, policy, the workload it runs). "ours, 1 s directory" publishes each
-# worker's free sequence slots in the fleet directory the way the worker does (at its heartbeat,
-# every heartbeat_interval = 1 s, or when its resident adapters change) instead of at every step and
-# whenever they hit or leave zero (the simulator's default).
+# The simulated sides: (name, policy, the workload it runs): the ideal worker, and the model of the
+# real one (simulator module doc).
 SIM_SIDES = (
     ("sim ours", "ours", lambda w: w),
-    ("sim ours, 1 s directory", "ours", lambda w: replace(w, publish_every=1.0, publish_on_zero=False)),
+    ("sim ours, real worker", "ours", lambda w: w.real_worker()),
     ("sim fifo-lru", "fifo-lru", lambda w: w),
+    ("sim fifo-lru, real worker", "fifo-lru", lambda w: w.real_worker()),
 )
 COLUMNS = [
     "workers", "adapter_slots", "adapters", "side", "jobs", "loads_per_1k", "wait_p50_ms", "wait_p90_ms",
-    "wait_p99_ms", "wait_max_ms", "throughput", "offered", "unstarted",
+    "wait_p99_ms", "wait_max_ms", "cold_wait_p50_ms", "cold_wait_p99_ms", "throughput", "unstarted",
 ]  # fmt: skip
 
 
@@ -116,6 +122,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=64, help="mean steps per job (geometric)")
     p.add_argument("--step-ms", type=float, default=40.0)
     p.add_argument("--load-ms", type=float, default=25.0, help="device load of one adapter")
+    p.add_argument(
+        "--prefetch", type=ints, default=[2, 0],
+        help="the scheduler's max_prefetch of the real fleet, a list: one real run each (2,0)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--assets", type=Path, default=Path("/tmp/lorafleet-bench-fleet"), help="model, adapters")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for replies after the trace")
@@ -186,15 +196,16 @@ def write_assets(root: Path, adapters: int) -> Assets:
 
 
 def worker_spec(
-    args: argparse.Namespace, assets: Assets, redis_url: str, name: str, slots: int, workdir: Path
-) -> dict:
+    args: argparse.Namespace, assets: Assets, redis_url: str, name: str, slots: int, workdir: Path,
+    prefetch: int,
+) -> dict:  # fmt: skip
     return {
         "name": name, "model": str(assets.model), "adapters": str(assets.store), "redis_url": redis_url,
         "namespace": NAMESPACE, "slots": slots, "batch": args.batch, "max_rank": 8,
         "kv_cache_tokens": args.batch * (MAX_TOKENS + len(PROMPT) + 32),
         "step_s": args.step_ms / 1e3, "load_s": args.load_ms / 1e3,
         "log": str(workdir / f"{name}.log"), "stats": str(workdir / f"{name}.json"),
-        "cache_dir": str(workdir / f"cache-{name}"), "log_level": args.log_level,
+        "cache_dir": str(workdir / f"cache-{name}"), "log_level": args.log_level, "max_prefetch": prefetch,
     }  # fmt: skip
 
 
@@ -397,6 +408,7 @@ def run_real(
     slots: int,
     adapters: int,
     workdir: Path,
+    prefetch: int,
 ) -> dict[str, Any]:
     """One run of the real fleet over `trace`; per-job arrays and the run's counters."""
     from lorafleet.producer import Producer
@@ -412,7 +424,10 @@ def run_real(
     fleet = Fleet(context)
     started = time.perf_counter()
     try:
-        specs = [worker_spec(args, assets, server.url, f"w{i}", slots, workdir) for i in range(args.workers)]
+        specs = [
+            worker_spec(args, assets, server.url, f"w{i}", slots, workdir, prefetch)
+            for i in range(args.workers)
+        ]
         fleet.start(specs)
         until = time.monotonic() + 30
         while (
@@ -493,9 +508,14 @@ def real_metrics(out: dict[str, Any], trace: Trace, step_s: float, warmup: float
         admitted[i] = arrival[i] + t.queue_wait
         finished[i] = arrival[i] + ttft[i] + t.decode
         wrong_length += len(r.token_ids) != int(trace.tokens[i])
-    loads = np.array([t - out["t0_wall"] for w in out["workers"] for t in w.get("load_times", [])])
+    loads = np.array([t - out["t0_wall"] for w in out["workers"] for t, _ in w.get("loads", [])])
     row = window_metrics(arrival, started, admitted, finished, loads, warmup, duration, out["end"])
     window = (arrival >= warmup) & (arrival < duration)
+    cold = cold_jobs(out, trace, admitted, started, step_s) & window
+    wait = started - arrival
+    row.update(
+        cold_jobs=int(cold.sum()), cold_wait_p50_ms=pct(wait[cold], 50), cold_wait_p99_ms=pct(wait[cold], 99)
+    )
     answered = [r for r in out["results"] if r is not None]
     calls = sum(c for c, _ in out["commandstats"].values())
     usec = sum(u for _, u in out["commandstats"].values())
@@ -545,6 +565,26 @@ def real_metrics(out: dict[str, Any], trace: Trace, step_s: float, warmup: float
     return row
 
 
+def cold_jobs(
+    out: dict[str, Any], trace: Trace, admitted: np.ndarray, started: np.ndarray, step_s: float
+) -> np.ndarray:
+    """Which jobs found their adapter out of their worker's device slots: a device load of it on that
+    worker from their admission to the end of their first step (the load is made at the launch of
+    the step it is for)."""
+    loads: dict[tuple[str, str], list[float]] = {}
+    for w in out["workers"]:
+        for t, key in w.get("loads", []):
+            loads.setdefault((w["name"], key.partition("@")[0]), []).append(t - out["t0_wall"])
+    times = {k: np.sort(np.array(v)) for k, v in loads.items()}
+    cold = np.zeros(trace.arrival.size, dtype=bool)
+    for i, r in enumerate(out["results"]):
+        at = times.get((r.worker, out["names"][int(trace.adapter[i])])) if r is not None else None
+        if at is not None:
+            first = np.searchsorted(at, admitted[i] - 0.005)  # (clocks of two processes)
+            cold[i] = first < at.size and at[first] <= started[i] + step_s
+    return cold
+
+
 def pct(values: np.ndarray, q: float) -> float | None:
     """The q-th percentile in ms of seconds `values` (NaN ignored); None when there are none."""
     values = values[~np.isnan(values)]
@@ -564,10 +604,17 @@ def sim_metrics(sim: Simulation, warmup: float, duration: float) -> dict[str, An
     return row
 
 
-def report(real: dict[str, Any], top: list[tuple[str, float]]) -> None:
-    """What the real run's row says beside the table."""
+def real_side(prefetch: int) -> str:
+    """The name of the real fleet's side with the scheduler's max_prefetch = `prefetch`."""
+    if prefetch == SchedulerConfig().max_prefetch:
+        return "real"
+    return "real, no prefetch" if prefetch == 0 else f"real, prefetch {prefetch}"
+
+
+def report(side: str, real: dict[str, Any], top: list[tuple[str, float]]) -> None:
+    """What a real run's row says beside the table."""
     print(
-        f"  real: {real['answered']}/{real['submitted']} answered, errors {real['errors'] or 0}, "
+        f"  {side}: {real['answered']}/{real['submitted']} answered, errors {real['errors'] or 0}, "
         f"mean batch {real['mean_batch']:.1f}, device busy {100 * real['device_busy']:.0f}%, "
         f"jobs per worker {real['jobs_per_worker']}; loop turns per job {real['turns_per_job']:.1f} "
         f"({real['turns_with_parked_per_job']:.1f} with jobs parked for a fetch)"
@@ -625,13 +672,14 @@ def plot(settings: list[dict[str, Any]], path: Path) -> Path | None:
     cols = min(n, 2)
     rows = -(-n // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4 * rows), squeeze=False)
-    styles = {"real": ("-", "C0"), "sim ours": ("--", "C1"), "sim ours, 1 s directory": ("-.", "C3"),
-              "sim fifo-lru": (":", "C2")}  # fmt: skip
+    styles = {"real": ("-", "C0"), "real, no prefetch": ("-", "C4"), "sim ours": ("--", "C1"),
+              "sim ours, real worker": ("-.", "C1"), "sim fifo-lru": (":", "C2"),
+              "sim fifo-lru, real worker": ("-.", "C2")}  # fmt: skip
     for ax, setting in zip(axes.flat, settings, strict=False):
         for side, waits in setting["waits"].items():
             x = np.maximum(waits, 1.0)
             y = np.arange(1, x.size + 1) / max(x.size, 1)
-            style, color = styles[side]
+            style, color = styles.get(side, ("-", None))
             ax.plot(x, y, style, color=color, label=side)
         ax.set(
             xscale="log", xlabel="wait (ms, arrival to first step)", ylabel="fraction of jobs",
@@ -696,32 +744,30 @@ def main(argv: list[str] | None = None) -> int:
             trace = Trace.draw(work, perf)
             trace.tokens = np.minimum(trace.tokens, MAX_TOKENS)
             print(f"\n{slots} adapter slots, {adapters:,} adapters: {trace.arrival.size} jobs", flush=True)
-            workdir = args.assets / "runs" / f"s{slots}-a{adapters}"
-            out = run_real(args, context, assets, trace, slots, adapters, workdir)
-            real = real_metrics(out, trace, step_s, args.warmup, args.duration)
-            sims = {}
+            key = {"workers": args.workers, "adapter_slots": slots, "adapters": adapters}
+            waits, reals = {}, []
+            for prefetch in args.prefetch:
+                side = real_side(prefetch)
+                workdir = args.assets / "runs" / f"s{slots}-a{adapters}-p{prefetch}"
+                out = run_real(args, context, assets, trace, slots, adapters, workdir, prefetch)
+                real = real_metrics(out, trace, step_s, args.warmup, args.duration)
+                waits[side] = real.pop("waits_ms")
+                rows.append({**key, "side": side, "offered": rate, "max_prefetch": prefetch, **real})
+                jobs = real["answered"]
+                stats = out["commandstats"]
+                commands = {c: n / max(jobs, 1) for c, (n, _) in stats.items()}
+                runs.append({**key, "side": side, "commands_per_job": commands})
+                reals.append((side, real, top_commands(stats, jobs)))
             for side, policy, sim_work in SIM_SIDES:
                 sim = Simulation(policy, sim_work(work), perf, trace=trace)
                 sim.run()
-                sims[side] = sim_metrics(sim, args.warmup, args.duration)
-            key = {"workers": args.workers, "adapter_slots": slots, "adapters": adapters}
-            offered = rate
-            waits = {"real": real.pop("waits_ms")}
-            rows.append({**key, "side": "real", "offered": offered, **real})
-            for side, m in sims.items():
+                m = sim_metrics(sim, args.warmup, args.duration)
                 waits[side] = m.pop("waits_ms")
-                rows.append({**key, "side": side, "offered": offered, **m})
-            jobs = real["answered"]
-            top = top_commands(out["commandstats"], jobs)
+                rows.append({**key, "side": side, "offered": rate, **m})
             settings.append({**key, "waits": waits})
-            runs.append(
-                {
-                    **key,
-                    "commands_per_job": {c: n / max(jobs, 1) for c, (n, _) in out["commandstats"].items()},
-                }
-            )
-            print_table(rows[-1 - len(SIM_SIDES) :], COLUMNS)
-            report(real, top)
+            print_table(rows[-len(reals) - len(SIM_SIDES) :], COLUMNS)
+            for side, real, top in reals:
+                report(side, real, top)
     wall = time.perf_counter() - total
     print(f"\nall settings ({wall:.0f} s):")
     print_table(rows, COLUMNS)

@@ -18,7 +18,7 @@ from the store folder on its fetch threads as it would real ones.
 
 `worker_main(spec)` builds a `WorkerConfig` and a TimingEngine and runs `Worker(config, engine).run()`
 until SIGTERM, its JSON log on `spec["log"]`; at exit it writes its counters (engine stats, the time
-of each device load, steps, CPU time) to `spec["stats"]`.
+and adapter of each device load, steps, CPU time) to `spec["stats"]`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import json
 import os
 import resource
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,7 @@ class TimingEngine(Engine):
     def __init__(self, model: DecoderModel, config: EngineConfig, *, step_s: float, load_s: float):
         super().__init__(model, config, tokenizer=None)
         self.step_s, self.load_s = step_s, load_s
-        self.load_times: list[float] = []  # time.time() of each device load
+        self.loads: list[tuple[float, str]] = []  # (time.time(), adapter key) of each device load
         self.steps = 0
         self.seq_steps = 0  # sum over steps of the sequences in the step
         self.device_busy = 0.0  # seconds of steps and loads
@@ -81,7 +82,7 @@ class TimingEngine(Engine):
         def load(slot: int, adapter: LoraAdapter) -> None:
             real_load(slot, adapter)  # the (tiny) copy itself: the slot's real bookkeeping
             self._debt += self.load_s
-            self.load_times.append(time.time())
+            self.loads.append((time.time(), adapter.name))
 
         self.slots.load = load  # type: ignore[method-assign]  # AdapterPool.acquire calls it
 
@@ -128,6 +129,8 @@ def worker_main(spec: dict[str, Any]) -> None:
         log_level=spec.get("log_level", "info"),
     )  # fmt: skip
     worker = Worker(config, engine=engine)
+    scheduler = worker.intake.scheduler  # (prefetching is a scheduler setting, not a worker flag)
+    scheduler.config = replace(scheduler.config, max_prefetch=spec.get("max_prefetch", 2))
     turns = {"turns": 0, "turns_with_parked": 0, "turns_idle": 0}
     real_turn = worker.turn
 
@@ -149,7 +152,7 @@ def worker_main(spec: dict[str, Any]) -> None:
         "started": started,
         "stopped": time.time(),
         "engine": dict(engine.stats),
-        "load_times": engine.load_times,
+        "loads": engine.loads,
         "steps": engine.steps,
         "seq_steps": engine.seq_steps,
         "device_busy_s": engine.device_busy,

@@ -15,14 +15,28 @@ Times come from DESIGN.md's performance model (`PerfModel`). A job's wait is fro
 first engine step it runs in, so it includes the adapter load. Everything random is drawn up front
 from one seeded generator, and both policies see the same arrivals.
 
-Simplifications: Redis is instantaneous (a worker sees every queue, lease and directory entry as of
-the moment it plans; free-slot counts as of each worker's last step); a load takes `load_time` and
-does not slow the step it overlaps; a job admitted for an adapter still loading holds its sequence
-slot and joins the batch at the first step after the load lands; prefill is one ordinary step.
-Idle workers block on the wake stream and are woken by every arrival, by a load landing, or at the
-plan's `recheck_at`. The simulator checks the policy as it goes: an eviction of an adapter with
-running sequences, a load into full adapter slots or an admission past the free sequence slots
-raises AssertionError.
+Simplifications (the ideal worker, `Workload()`'s defaults): Redis is instantaneous (a worker sees every
+queue, lease and directory entry as of the moment it plans; free-slot counts as of each worker's last
+step); a load takes `load_time` and does not slow the step it overlaps; a job admitted for an
+adapter still loading holds its sequence slot and joins the batch at the first step after the load
+lands; a job admitted at a step's end runs in the next step; prefill is one ordinary step. Idle
+workers block on the wake stream and are woken by every arrival, by a load landing, or at the plan's
+`recheck_at`.
+
+The real worker (`Workload.real_worker()`, what lorafleet.worker.serve.worker does) differs in four
+ways, each a switch of `Workload`:
+  admit_late      it admits while a step runs (so that Redis overlaps the device), so a job admitted
+                  with a step in flight joins the step after it; an idle worker admits, then steps.
+  load_on_step    a device load is a copy the next step's compute waits for: it adds `load_time` to
+                  that step (every sequence in it waits) instead of running beside it.
+  directory_every a worker reads the fleet directory (who holds which adapter, free slots) at its
+                  heartbeat, and before a plan that may load an adapter when its copy is older than
+                  `directory_max_age`; workers publish at the heartbeat and when free slots hit or
+                  leave zero (`publish_every`, `publish_on_zero`).
+  queue_window    it plans over the oldest `queue_window` waiting queues only (one ZRANGE).
+
+The simulator checks the policy as it goes: an eviction of an adapter with running sequences, a load
+into full adapter slots or an admission past the free sequence slots raises AssertionError.
 """
 
 from __future__ import annotations
@@ -31,7 +45,8 @@ import functools
 import heapq
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -40,6 +55,7 @@ from lorafleet.worker.serve.plan import AdapterQueue, FleetView, LocalState, Res
 from lorafleet.worker.serve.scheduler import Scheduler, SchedulerConfig
 
 POLICIES = ("ours", "fifo-lru")
+Directory = Mapping[str, Collection[str]]  # adapter -> the workers that hold it
 
 
 @dataclass(frozen=True)
@@ -84,6 +100,11 @@ class Workload:
     seed: int = 0
     publish_every: float = 0.0
     publish_on_zero: bool = True
+    admit_late: bool = False
+    load_on_step: bool = False
+    directory_every: float = 0.0
+    directory_max_age: float = 0.0
+    queue_window: int = 0
 
     def __post_init__(self) -> None:
         for name in ("workers", "seq_slots", "adapter_slots", "adapters", "tokens"):
@@ -93,6 +114,15 @@ class Workload:
             raise ValueError(f"load must be > 0, not {self.load}")
         if not 0 <= self.warmup < self.duration:
             raise ValueError(f"warmup must be in [0, duration), not {self.warmup}")
+
+    def real_worker(self) -> Workload:
+        """This workload on workers that behave as lorafleet's does (module doc): admission one step
+        late, loads on the step, the directory as fresh as the worker keeps it (1 s heartbeat, 0.1 s
+        before a load), 64 queues per plan."""
+        return replace(
+            self, admit_late=True, load_on_step=True, publish_every=1.0, publish_on_zero=True,
+            directory_every=1.0, directory_max_age=0.1, queue_window=64,
+        )  # fmt: skip
 
     def capacity(self, perf: PerfModel) -> float:
         """Jobs/s of the fleet with every slot busy and the most distinct adapters per step."""
@@ -145,6 +175,10 @@ class _Worker:
     generation: int = 0
     published: float = -math.inf
     scheduler: Scheduler | None = None
+    debt: float = 0.0  # load_on_step: device seconds of loads the next step waits for
+    # directory_every: this worker's copy of the directory (holders per adapter, free slots), and when
+    view: tuple[Directory, Mapping[str, int]] = ({}, {})
+    view_at: float = -math.inf
 
 
 @dataclass
@@ -246,33 +280,49 @@ class Simulation:
                 self._boundary(w)
 
     def _boundary(self, w: _Worker) -> None:
-        """End of w's step (or a wake-up): advance its sequences, admit, start the next step."""
-        now = self.now
+        """End of w's step (or a wake-up): advance its sequences, admit, start the next step
+        (admit_late with sequences to run: start the next step, then admit for the one after)."""
         w.generation += 1
         w.idle = False
         self._advance(w)
-        if self.policy == "ours":
-            recheck = self._admit_ours(w)
-        else:
-            self._admit_fifo(w)
-            recheck = None
+        if self.work.admit_late and self._launch(w):
+            self._admit(w)
+            self._publish(w)
+            return
+        recheck = self._admit(w)
         self._publish(w)
-        ready = [s for s in w.running if w.ready_at[s.adapter] <= now]
-        if ready:
-            for s in ready:
-                if not s.started:
-                    s.started = True
-                    self.stats.started[s.job] = now
-            distinct = len({s.adapter for s in ready})
-            w.in_step = ready
-            self.stats.steps += 1
-            self._push(now + self.perf.step_time(len(ready), distinct), _STEP, w, w.generation)
+        if self._launch(w):
             return
         # nothing to run: block on the wake stream until a job arrives, a load lands (_loaded) or
         # the policy's recheck time
         w.idle = True
         if recheck is not None:
             self._push(recheck, _WAKE, w, w.generation)
+
+    def _admit(self, w: _Worker) -> float | None:
+        if self.policy == "ours":
+            return self._admit_ours(w)
+        self._admit_fifo(w)
+        return None
+
+    def _launch(self, w: _Worker) -> bool:
+        """Start a step of w's sequences whose adapter is loaded; False if there are none."""
+        now = self.now
+        ready = [s for s in w.running if w.ready_at[s.adapter] <= now]
+        if not ready:
+            return False
+        for s in ready:
+            if not s.started:
+                s.started = True
+                self.stats.started[s.job] = now
+        distinct = len({s.adapter for s in ready})
+        w.in_step = ready
+        self.stats.steps += 1
+        # (load_on_step: the loads made for these sequences are copies the step's compute waits for)
+        step = self.perf.step_time(len(ready), distinct) + w.debt
+        w.debt = 0.0
+        self._push(now + step, _STEP, w, w.generation)
+        return True
 
     def _publish(self, w: _Worker) -> None:
         """Refresh w's free-slot count in the directory when it is due."""
@@ -318,11 +368,29 @@ class Simulation:
         if len(w.adapters) >= self.work.adapter_slots:
             raise AssertionError(f"{w.wid} loaded {name} into a full set of adapter slots")
         w.adapters[name] = ResidentAdapter(running=0, loaded_at=self.now, last_used=self.now)
-        w.ready_at[name] = self.now + self.perf.load_time
         self.stats.loads.append((self.now, w.wid, name))
+        if self.work.load_on_step:  # the next step makes the copy: usable in it, which lasts longer
+            w.ready_at[name] = self.now
+            w.debt += self.perf.load_time
+            self._push(self.now, _LOADED, w, name)
+            return
+        w.ready_at[name] = self.now + self.perf.load_time
         self._push(self.now + self.perf.load_time, _LOADED, w, name)
 
     # -- ours ---------------------------------------------------------------------------------------
+
+    def _directory(self, w: _Worker, views: list[AdapterQueue]) -> tuple[Directory, Mapping[str, int]]:
+        """The directory w plans with: the live one, or (directory_every) w's copy, read again at
+        its heartbeat and before a plan that may load an adapter once older than directory_max_age."""
+        work, now = self.work, self.now
+        if work.directory_every <= 0:
+            return self.resident, self.free_slots
+        age = now - w.view_at
+        may_load = any(v.adapter not in w.adapters for v in views)
+        if age >= work.directory_every or (may_load and age >= work.directory_max_age):
+            resident = {a: frozenset(ws) for a, ws in self.resident.items() if ws}
+            w.view, w.view_at = (resident, dict(self.free_slots)), now
+        return w.view
 
     def _refresh_view(self, name: str) -> None:
         q = self.queues[name]
@@ -340,8 +408,11 @@ class Simulation:
             adapters=w.adapters,
         )
         leases = {a: holder for a, (holder, expires) in self.leases.items() if expires > now}
-        fleet = FleetView(self.resident, leases, self.free_slots)
-        plan = w.scheduler.plan(now, local, list(self.views.values()), fleet)
+        views = list(self.views.values())
+        if self.work.queue_window:  # the oldest queues only, as the worker's ZRANGE of the index
+            views = heapq.nsmallest(self.work.queue_window, views, key=lambda v: v.oldest_enqueued_at)
+        resident, free_slots = self._directory(w, views)
+        plan = w.scheduler.plan(now, local, views, FleetView(resident, leases, free_slots))
         for adm in plan.admissions:
             name = adm.adapter
             assert name is not None

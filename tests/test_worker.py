@@ -868,6 +868,36 @@ def test_jobs_other_workers_run_do_not_count_as_waiting(redis_url, inproc):
     assert [c["name"] for c in summary["consumers"]] == [b"holder"]
 
 
+def test_a_parked_job_whose_adapter_arrives_during_a_step_runs_in_the_next_one(
+    redis_url, inproc, monkeypatch
+):
+    """A job parked for its adapter's fetch while other sequences run: once the adapter is in host
+    memory, the next step the loop launches includes it (not the one after: the adapter is looked
+    for before the launch, not in the housekeeping that follows it)."""
+    worker = inproc()
+    asked, store_open, fetched = threading.Event(), threading.Event(), threading.Event()
+    fetch = worker.adapters._fetch
+    monkeypatch.setattr(
+        worker.adapters,
+        "_fetch",
+        lambda load: (asked.set(), store_open.wait(30), fetch(load), fetched.set()),
+    )
+    with Producer(redis_url) as producer:
+        busy = producer.submit(prompt_ids=[5, 6, 7], max_new_tokens=1500, ignore_eos=True, temperature=0.0)
+        turn_until(worker, lambda: worker.engine.num_running == 1)
+        cold = producer.submit(prompt_ids=[5, 6, 9], adapter=ADAPTERS[0], max_new_tokens=3, temperature=0.0)
+        turn_until(worker, asked.is_set, timeout=30)  # (after the store was probed for its version)
+        assert worker.parked
+        store_open.set()
+        assert fetched.wait(30)
+        worker.turn()
+        (job,) = [j for j in worker.running.values() if j.job.id == cold.id]
+        assert len(job.token_ids) == 1  # its prefill ran in the step this turn launched
+        busy.cancel()
+        turn_until(worker, lambda: _result_now(cold) is not None, timeout=60)
+    assert isinstance(_result_now(cold), Result)
+
+
 @pytest.mark.parametrize("max_prefetch", [2, 0])
 def test_a_cold_adapter_waiting_for_a_slot_is_fetched_into_host_memory_meanwhile(
     redis_url, inproc, max_prefetch

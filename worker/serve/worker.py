@@ -162,6 +162,10 @@ class Worker:
         busy = self.engine.has_unfinished()
         launched, failed = False, None
         if busy:
+            # Parked jobs whose adapter reached host memory during the last step join this one, not
+            # the one after (no Redis unless one has arrived: a cancel-marker read, a resolve).
+            if self.parked and self._poll_adapters():
+                self.intake.unpark(now)
             try:
                 self._launch()
                 launched = True
@@ -317,13 +321,20 @@ class Worker:
 
     # ----- housekeeping -----
 
-    def _housekeeping(self, now: float) -> None:
-        self._check_cancel_and_deadlines(now)
+    def _poll_adapters(self) -> bool:
+        """Register the adapters fetched into host memory since the last poll (and the rest of the
+        adapter manager's upkeep); True if any arrived."""
         before = set(self.engine.adapters)
         self.adapters.poll(self.jobs.needs)
-        for key in set(self.engine.adapters) - before:
+        arrived = set(self.engine.adapters) - before
+        for key in arrived:
             self.metrics.adapter_loads.labels(adapter=key.partition("@")[0]).inc()
-        self.intake.unpark(now)
+        return bool(arrived)
+
+    def _housekeeping(self, now: float) -> None:
+        self._check_cancel_and_deadlines(now)
+        self._poll_adapters()
+        self.intake.unpark(now)  # (also fails those whose fetch failed, or past their deadline)
         if self.draining and now > self._drain_deadline:
             for rid, job in self.running.items():
                 if job.abort_code is None:
