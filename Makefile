@@ -2,7 +2,7 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-SRC := producer worker kernels tests benchmarks
+SRC := producer worker kernels gateway tests benchmarks
 
 .PHONY: install demo test test-fast lint format mypy bench clean
 
@@ -11,7 +11,7 @@ $(BIN)/python:
 
 # Strict editable mode: a link tree under build/ that mypy and editors resolve as lorafleet.*.
 install: $(BIN)/python
-	$(BIN)/python -m pip install -q -e ".[worker,dev]" --config-settings editable_mode=strict
+	$(BIN)/python -m pip install -q -e ".[worker,gateway,dev]" --config-settings editable_mode=strict
 
 demo: $(BIN)/python
 	$(BIN)/python -m pip install -q -e ".[worker]" --config-settings editable_mode=strict
@@ -26,7 +26,7 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check $(SRC)
 	$(BIN)/ruff format --check $(SRC)
-	$(BIN)/mypy -p lorafleet.producer -p lorafleet.worker -p lorafleet.kernels
+	$(BIN)/mypy -p lorafleet.producer -p lorafleet.worker -p lorafleet.kernels -p lorafleet.gateway
 
 format: install
 	$(BIN)/ruff check --fix $(SRC)

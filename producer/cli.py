@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register_submit(commands)
+    # Light: the gateway's web stack loads only when `lorafleet gateway` runs.
+    from lorafleet.gateway.cli import register as register_gateway_commands
+
+    register_gateway_commands(commands)
     try:
         from lorafleet.worker.cli.main import register as register_worker_commands
     except ImportError as exc:

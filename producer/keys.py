@@ -172,6 +172,9 @@ class Keys:
         adapter_names     ``{ns}:adapter-names``      set: every name with a registry entry
         adapter_events    ``{ns}:adapter-events``     stream (MAXLEN ~): ready/warm/removed, for workers
         control           ``{ns}:control``            name of the RQ queue of control jobs (RQ keys: ``rq:``)
+    Gateway usage metering:
+        usage(hour)       ``{ns}:usage:{hour}``       hash with a TTL, one per hour (unix seconds // 3600):
+                                                 ``{adapter}|{tenant}|{kind}`` -> count
     """
 
     namespace: str = DEFAULT_NAMESPACE
@@ -296,3 +299,15 @@ class Keys:
     def control(self) -> str:
         """Name of the RQ queue of control-plane jobs (validate, warm); RQ keeps it at ``rq:queue:<name>``."""
         return f"{self.namespace}:control"
+
+    def usage(self, hour: int) -> str:
+        """Hash of one hour's gateway usage (`hour` = unix seconds // 3600): field
+        ``{adapter}|{tenant}|{kind}`` -> count, kind = prompt | completion | requests."""
+        if isinstance(hour, bool) or not isinstance(hour, int) or hour < 0:
+            raise ValueError(f"usage hour must be a non-negative integer, got {hour!r}")
+        return f"{self.namespace}:usage:{hour}"
+
+    @property
+    def usage_prefix(self) -> str:
+        """Common prefix of the hourly usage hashes."""
+        return f"{self.namespace}:usage:"

@@ -20,8 +20,9 @@ def test_folders_install_under_the_lorafleet_namespace():
         "lorafleet.producer": "producer",
         "lorafleet.worker": "worker",
         "lorafleet.kernels": "kernels",
+        "lorafleet.gateway": "gateway",
     }
-    for folder in ("producer", "worker", "kernels"):
+    for folder in ("producer", "worker", "kernels", "gateway"):
         assert (ROOT / folder / "py.typed").exists()
     import lorafleet.kernels
     import lorafleet.producer
