@@ -543,6 +543,11 @@ def real_metrics(out: dict[str, Any], trace: Trace, step_s: float, warmup: float
         if steps
         else None,
         stall_max_ms=1e3 * float(stalls.max()) if stalls.size else 0.0,
+        # the longest stalls, each with where its turn's host time went (fleet_engine.PHASES)
+        worst_stalls=sorted(
+            ({"worker": w["name"], **s} for w in out["workers"] for s in w.get("stall_phases", [])),
+            key=lambda s: -s["stall_ms"],
+        )[:5],
     )
     row.update(
         answered=len(answered), submitted=n, errors=out["errors"], wrong_length=wrong_length,
@@ -623,6 +628,12 @@ def report(side: str, real: dict[str, Any], top: list[tuple[str, float]]) -> Non
         f"  steps stalled by the worker's host work: {100 * real['stalled_share']:.1f}%; "
         f"stall p99 {real['stall_p99_ms'] or 0:.1f} ms, max {real['stall_max_ms']:.1f} ms"
     )
+    for stall in real["worst_stalls"][:3]:
+        phases = sorted(stall["phases_ms"].items(), key=lambda kv: -kv[1])[:4]
+        print(
+            f"    stall of {stall['stall_ms']:.0f} ms ({stall['worker']}), turn's host time: "
+            + ", ".join(f"{name} {ms:.1f} ms" for name, ms in phases)
+        )
     parts = ("queue_wait", "adapter_load", "prefill")
     print(
         "  real time to first token, p50/p99 ms: "

@@ -43,6 +43,14 @@ from lorafleet.worker.serve.logs import configure_logging
 from lorafleet.worker.serve.worker import Worker
 
 TOKEN = 5  # what every step generates: an ordinary token of the synthetic vocabulary
+STALL_DETAIL_S = 0.005  # a stall this long is recorded with the durations of its turn's phases
+# The worker's host work between a step's launch and its finish, timed per turn (`time_phases`):
+# (owner attribute of the Worker or "" for the worker itself, method name).
+PHASES = (
+    ("", "_housekeeping"), ("", "_check_cancel_and_deadlines"), ("", "_poll_adapters"), ("", "_publish"),
+    ("", "_recover"), ("intake", "unpark"), ("intake", "settle_leases"), ("intake", "release_leases"),
+    ("intake", "refresh_directory"), ("intake", "admit"), ("intake", "prefetch"), ("intake", "accept_many"),
+)  # fmt: skip
 
 
 class _DeviceDone:
@@ -51,16 +59,19 @@ class _DeviceDone:
     time the device idled because the worker's host work (housekeeping, admission) outlasted the
     step, i.e. how long the step was stalled by it."""
 
-    def __init__(self, deadline: float, stalls: list[float]):
+    def __init__(self, deadline: float, engine: TimingEngine):
         self.deadline = deadline
-        self.stalls = stalls
+        self.engine = engine
 
     def synchronize(self) -> None:
         left = self.deadline - time.perf_counter()
         if left > 0:
             time.sleep(left)
-        else:
-            self.stalls.append(-left)
+            return
+        self.engine.stalls.append(-left)
+        if -left >= STALL_DETAIL_S:  # where the turn's host time went (see `time_phases`)
+            phases = {name: round(1e3 * t, 2) for name, t in self.engine.phases.items()}
+            self.engine.stall_phases.append({"stall_ms": round(-1e3 * left, 2), "phases_ms": phases})
 
 
 class TimingEngine(Engine):
@@ -74,6 +85,8 @@ class TimingEngine(Engine):
         self.seq_steps = 0  # sum over steps of the sequences in the step
         self.device_busy = 0.0  # seconds of steps and loads
         self.stalls: list[float] = []  # seconds the device idled past a step's end, waiting for the host
+        self.phases: dict[str, float] = {}  # seconds of each phase of the turn in progress (time_phases)
+        self.stall_phases: list[dict[str, Any]] = []  # stalls >= STALL_DETAIL_S and their turn's phases
         self._debt = 0.0  # device seconds of loads made for the coming step
         self._deadline = 0.0
         self._logits: dict[int, torch.Tensor] = {}
@@ -108,7 +121,23 @@ class TimingEngine(Engine):
         return logits
 
     def _to_host(self, ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        return ids, _DeviceDone(self._deadline, self.stalls)
+        return ids, _DeviceDone(self._deadline, self)
+
+
+def time_phases(worker: Worker, phases: dict[str, float]) -> None:
+    """Wrap the worker's PHASES so that each adds its seconds to `phases` (cleared every turn)."""
+    for owner_name, name in PHASES:
+        owner = getattr(worker, owner_name) if owner_name else worker
+        real = getattr(owner, name)
+
+        def timed(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return _real(*args, **kwargs)
+            finally:
+                phases[_name] = phases.get(_name, 0.0) + time.perf_counter() - started
+
+        setattr(owner, name, timed)
 
 
 def worker_main(spec: dict[str, Any]) -> None:
@@ -134,7 +163,10 @@ def worker_main(spec: dict[str, Any]) -> None:
     turns = {"turns": 0, "turns_with_parked": 0, "turns_idle": 0}
     real_turn = worker.turn
 
+    time_phases(worker, engine.phases)
+
     def turn() -> bool:  # counted: how often the loop turns, and why
+        engine.phases.clear()
         turns["turns"] += 1
         if worker.parked:
             turns["turns_with_parked"] += 1
@@ -157,6 +189,7 @@ def worker_main(spec: dict[str, Any]) -> None:
         "seq_steps": engine.seq_steps,
         "device_busy_s": engine.device_busy,
         "stalls": engine.stalls,
+        "stall_phases": engine.stall_phases,
         **turns,
         "adapter_manager": dict(worker.adapters.stats),
         "cpu_s": usage.ru_utime + usage.ru_stime,

@@ -269,6 +269,27 @@ def test_plain_layout_folders_resolve_to_their_content_hash(fleet):
     until(fleet.manager, lambda: resolve_eventually(fleet.manager, "legacy").version == second)
 
 
+def test_a_plain_layout_lookup_starts_the_fetch_and_it_is_fetched_once(fleet):
+    """The first resolve of a plain-layout name only starts its lookup (AdapterPending); the fetch
+    follows the lookup at once, without waiting for the caller to ask again, and asking again
+    (resolve + ensure, as a parked job does) does not fetch it a second time."""
+    folder = fleet.adapter("fresh", seed=5)
+    for filename in ADAPTER_FILES:
+        fleet.store.put_file(plain_key("fresh", filename), folder / filename)
+    version = content_version({f: sha256_file(folder / f) for f in ADAPTER_FILES})
+    ref = AdapterRef("fresh", version)
+    with pytest.raises(AdapterPending):
+        fleet.manager.resolve("fresh")
+    until(fleet.manager, lambda: fleet.manager.state(ref) == ("ready", None))  # no ensure() called
+    assert resolve_eventually(fleet.manager, "fresh") == ref
+    fleet.manager.ensure(ref)
+    fleet.manager.poll(lambda key: False)
+    assert all(n == 1 for k, n in fleet.store.downloads.items() if k.startswith("fresh/"))
+    assert {k for k in fleet.store.downloads if k.startswith("fresh/")} == {
+        plain_key("fresh", f) for f in ADAPTER_FILES
+    }
+
+
 def test_with_the_store_down_cached_adapters_serve_and_others_wait_for_it(fleet):
     resident = AdapterRef("resident", fleet.publish("resident", fleet.adapter("r", seed=1)))
     on_disk = AdapterRef("on-disk", fleet.publish("on-disk", fleet.adapter("d", seed=2)))

@@ -213,11 +213,20 @@ class AdapterManager:
         except Exception as exc:  # a bug or a broken store must not kill the probe thread
             self.log.warning("adapter lookup failed", exc_info=True)
             version, error = None, f"lookup failed: {exc}"
+        load = None
         with self._lock:
             entry = self._plain[name]
             if error is None or entry.version is None:  # keep serving the last known version on outages
                 entry.version = version
             entry.error, entry.checked_at, entry.probing = error, time.monotonic(), False
+            # An adapter is looked up to be used: its fetch starts here, not a loop turn later when
+            # the job parked for the lookup asks again (that costs a step of its wait).
+            key = None if version is None else f"{name}@{version}"
+            if key is not None and key not in self._host and key not in self._loads:
+                load = self._loads[key] = _Load(AdapterRef(name, version), wanted_at=time.monotonic())
+        if load is not None:
+            with contextlib.suppress(RuntimeError):  # closed meanwhile: nothing more is fetched
+                self._pool.submit(self._fetch, load)
 
     def _note_current(self, name: str, version: str) -> None:
         previous = self._current.get(name)
