@@ -28,7 +28,8 @@ COPY pyproject.toml README.md /tmp/lorafleet/
 COPY producer /tmp/lorafleet/producer
 COPY worker /tmp/lorafleet/worker
 COPY kernels /tmp/lorafleet/kernels
-RUN pip install "/tmp/lorafleet[worker]" && rm -rf /tmp/lorafleet
+COPY gateway /tmp/lorafleet/gateway
+RUN pip install "/tmp/lorafleet[worker,gateway]" && rm -rf /tmp/lorafleet
 
 RUN useradd --create-home --uid 10001 --user-group lorafleet \
     && install -d -o lorafleet -g lorafleet /var/cache/lorafleet

@@ -35,7 +35,7 @@ from lorafleet.gateway.models import Catalog, ModelChoice
 from lorafleet.gateway.openai_shapes import ResponseShaper, finish_reason, served_model
 from lorafleet.gateway.requests import CHAT, GenerationRequest, parse_request
 from lorafleet.gateway.tenants import Tenant, Tenants, check_allowed
-from lorafleet.gateway.usage import adapter_label, record_usage
+from lorafleet.gateway.usage import UsageRecorder, adapter_label
 from lorafleet.producer.aio import AsyncJobHandle, AsyncProducer
 from lorafleet.producer.errors import JobFailed, QueueFull
 from lorafleet.producer.keys import Keys
@@ -99,6 +99,7 @@ class Completions:
         self.keys = Keys(config.namespace)
         self.tenants = tenants
         self.metrics = metrics
+        self.usage = UsageRecorder(producer.redis, self.keys, config.usage_ttl)
         self.catalog = Catalog(
             producer.redis, self.keys, config.base_model, check=config.models, ttl=config.registry_ttl
         )
@@ -200,8 +201,7 @@ class Completions:
         tenant.spend_tokens(result.usage.prompt_tokens + result.usage.completion_tokens)
         self.metrics.add_usage(label, tenant.name, result.usage)
         try:
-            await record_usage(self.producer.redis, self.keys, label, tenant.name, result.usage,
-                               self.config.usage_ttl)  # fmt: skip
+            await self.usage.record(label, tenant.name, result.usage)
         except redis.RedisError:
             log.warning("usage not recorded (Redis error)", exc_info=True)
 

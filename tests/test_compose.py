@@ -178,7 +178,8 @@ def test_redis_keeps_an_append_only_file_and_listens_on_6379_on_the_host():
 
 @needs_compose
 @pytest.mark.parametrize(
-    ("profile", "name"), [(None, "redis"), (None, "minio"), ("gpu", "worker"), ("cpu", "worker-cpu")]
+    ("profile", "name"),
+    [(None, "redis"), (None, "minio"), (None, "gateway"), ("gpu", "worker"), ("cpu", "worker-cpu")],
 )
 def test_long_running_services_have_health_checks(profile, name):
     check = rendered(profile)[name]["healthcheck"]

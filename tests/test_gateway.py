@@ -415,3 +415,67 @@ def test_gateway_command_serves_and_warns_when_open(url):
         proc.terminate()
         _, err = proc.communicate(timeout=10)
     assert "NO API KEYS CONFIGURED" in err
+
+
+def test_a_deadline_that_passes_mid_stream_ends_it_with_an_error_event(client):
+    stream = client.chat.completions.create(
+        model="team-b",
+        messages=CHAT,
+        max_tokens=5000,
+        stream=True,
+        extra_body={"deadline": time.time() + 1.5, "ignore_eos": True},
+    )
+    received = []
+
+    def read_all():
+        for chunk in stream:
+            received.append(chunk)
+
+    with pytest.raises(openai.APIError) as ended:
+        read_all()
+    assert received  # the stream had started: the error came as an event, not a status
+    assert "deadline" in str(ended.value.message)
+
+
+def test_neutral_values_of_unsupported_fields_are_accepted(client):
+    answer = client.chat.completions.create(
+        model="base",
+        messages=CHAT,
+        max_tokens=2,
+        n=1,
+        logprobs=False,
+        frequency_penalty=0,
+        presence_penalty=0,
+        response_format={"type": "text"},
+        user="someone",
+    )
+    assert answer.usage.completion_tokens >= 1
+
+
+def test_gateway_key_prints_an_entry_the_keys_file_accepts(tmp_path, capsys):
+    assert main(["gateway-key", "ops", "--models", "team-*", "base", "--requests-per-minute", "5"]) == 0
+    captured = capsys.readouterr()
+    key = captured.err.rsplit(":", 1)[1].strip()
+    entry = json.loads(captured.out)
+    assert key not in captured.out  # only the hash is printed for the file
+    assert entry["key_sha256"] == hash_key(key)
+    path = tmp_path / "tenants.json"
+    path.write_text(json.dumps({"tenants": [entry]}))
+    tenants = Tenants.load(str(path))
+    tenant = tenants.authenticate(f"Bearer {key}")
+    assert tenant.name == "ops"
+    assert [tenant.allows(m) for m in ("team-x", "base", "other")] == [True, True, False]
+    path.write_text(json.dumps({"tenants": [{"name": "x", "key": key}]}))
+    with pytest.raises(ValueError, match="key"):
+        Tenants.load(str(path))
+    assert main(["gateway", "--api-keys-file", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json" in capsys.readouterr().err
+
+
+def test_usage_hours_expire(keyed, url):
+    a = openai.OpenAI(base_url=keyed.base_url, api_key=KEY_A, max_retries=0, timeout=60)
+    a.completions.create(model="team-a", prompt="tick", max_tokens=1)
+    r = redis.Redis.from_url(url)
+    key = Keys().usage(int(time.time() // 3600))
+    assert r.hget(key, "team-a|tenant-a|requests") is not None
+    assert 0 < r.ttl(key) <= GatewayConfig().usage_ttl
