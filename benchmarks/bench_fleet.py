@@ -559,6 +559,11 @@ def real_metrics(out: dict[str, Any], trace: Trace, step_s: float, warmup: float
         mean_batch=sum(w.get("seq_steps", 0) for w in out["workers"]) / max(steps, 1),
         device_busy=sum(w.get("device_busy_s", 0.0) for w in out["workers"]) / (span * len(out["workers"])),
         loads_total=int(loads.size),
+        # fetches store -> host memory (the adapter manager's), per 1,000 answered jobs: what a
+        # prefetch costs when another worker ends up loading the adapter
+        host_fetches_per_1k=1000.0
+        * sum(w.get("adapter_manager", {}).get("loads", 0) for w in out["workers"])
+        / max(len(answered), 1),
         turns_per_job=sum(w.get("turns", 0) for w in out["workers"]) / max(len(answered), 1),
         turns_with_parked_per_job=sum(w.get("turns_with_parked", 0) for w in out["workers"])
         / max(len(answered), 1),
@@ -622,7 +627,9 @@ def report(side: str, real: dict[str, Any], top: list[tuple[str, float]]) -> Non
         f"  {side}: {real['answered']}/{real['submitted']} answered, errors {real['errors'] or 0}, "
         f"mean batch {real['mean_batch']:.1f}, device busy {100 * real['device_busy']:.0f}%, "
         f"jobs per worker {real['jobs_per_worker']}; loop turns per job {real['turns_per_job']:.1f} "
-        f"({real['turns_with_parked_per_job']:.1f} with jobs parked for a fetch)"
+        f"({real['turns_with_parked_per_job']:.1f} with jobs parked for a fetch); "
+        f"{real['cold_jobs']} jobs found their adapter cold; fetches into host memory per 1,000 jobs "
+        f"{real['host_fetches_per_1k']:.0f}"
     )
     print(
         f"  steps stalled by the worker's host work: {100 * real['stalled_share']:.1f}%; "

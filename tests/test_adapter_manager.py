@@ -270,16 +270,21 @@ def test_plain_layout_folders_resolve_to_their_content_hash(fleet):
 
 
 def test_a_plain_layout_lookup_starts_the_fetch_and_it_is_fetched_once(fleet):
-    """The first resolve of a plain-layout name only starts its lookup (AdapterPending); the fetch
-    follows the lookup at once, without waiting for the caller to ask again, and asking again
-    (resolve + ensure, as a parked job does) does not fetch it a second time."""
+    """The first resolve of a plain-layout name only starts its lookup (AdapterPending); asked for
+    a job about to start (fetch=True), the fetch follows the lookup at once, without waiting for
+    the caller to ask again, and asking again (resolve + ensure, as a parked job does) does not
+    fetch it a second time. A plain resolve (a prefetch's look) fetches nothing by itself."""
     folder = fleet.adapter("fresh", seed=5)
     for filename in ADAPTER_FILES:
         fleet.store.put_file(plain_key("fresh", filename), folder / filename)
     version = content_version({f: sha256_file(folder / f) for f in ADAPTER_FILES})
     ref = AdapterRef("fresh", version)
+    other = fleet.adapter("other", seed=6)
+    for filename in ADAPTER_FILES:
+        fleet.store.put_file(plain_key("other", filename), other / filename)
+    assert resolve_eventually(fleet.manager, "other").name == "other"
     with pytest.raises(AdapterPending):
-        fleet.manager.resolve("fresh")
+        fleet.manager.resolve("fresh", fetch=True)
     until(fleet.manager, lambda: fleet.manager.state(ref) == ("ready", None))  # no ensure() called
     assert resolve_eventually(fleet.manager, "fresh") == ref
     fleet.manager.ensure(ref)
@@ -288,6 +293,7 @@ def test_a_plain_layout_lookup_starts_the_fetch_and_it_is_fetched_once(fleet):
     assert {k for k in fleet.store.downloads if k.startswith("fresh/")} == {
         plain_key("fresh", f) for f in ADAPTER_FILES
     }
+    assert not any(k.startswith("other/") for k in fleet.store.downloads)
 
 
 def test_with_the_store_down_cached_adapters_serve_and_others_wait_for_it(fleet):

@@ -87,6 +87,7 @@ class _Plain:
     checked_at: float
     error: str | None = None
     probing: bool = False
+    fetch: bool = False  # the lookup in flight was for a job about to start: fetch once it is known
 
 
 class AdapterManager:
@@ -148,12 +149,13 @@ class AdapterManager:
 
     # ----- resolution -----
 
-    def resolve(self, adapter_id: str) -> AdapterRef:
+    def resolve(self, adapter_id: str, *, fetch: bool = False) -> AdapterRef:
         """The version `adapter_id` (``name`` or ``name@version``) stands for now.
 
         Raises AdapterNotFound (invalid id, never pushed, removed, version not ready) or
-        AdapterPending (a plain-layout adapter whose files are being hashed: ask again later).
-        Costs at most one Redis HGET.
+        AdapterPending (a plain-layout adapter whose files are being hashed: ask again later; with
+        `fetch`, its fetch into host memory starts as soon as its version is known, as `ensure`
+        would). Costs at most one Redis HGET.
         """
         try:
             check_adapter_id(adapter_id)
@@ -176,15 +178,15 @@ class AdapterManager:
                 if name in self._current and name not in self._plain:  # it was registered: removed
                     self._forget(name)
                     raise AdapterNotFound(f"adapter {name!r} was removed")
-        return self._resolve_plain(name, pinned)
+        return self._resolve_plain(name, pinned, fetch and not pinned)
 
-    def _resolve_plain(self, name: str, pinned: str) -> AdapterRef:
+    def _resolve_plain(self, name: str, pinned: str, fetch: bool) -> AdapterRef:
         now = time.monotonic()
         with self._lock:
             entry = self._plain.get(name)
             stale = entry is None or (not entry.probing and now - entry.checked_at > self.plain_ttl)
-        if stale:
-            self._probe(name)
+        if stale or (fetch and entry is not None and entry.probing):
+            self._probe(name, fetch)
         if entry is None or (entry.version is None and (entry.error is not None or entry.probing)):
             error = f": {entry.error}" if entry is not None and entry.error else ""
             raise AdapterPending(f"looking up adapter {name!r} in the store{error}")
@@ -197,9 +199,10 @@ class AdapterManager:
         self._note_current(name, entry.version)
         return self._chosen(AdapterRef(name, entry.version))
 
-    def _probe(self, name: str) -> None:
+    def _probe(self, name: str, fetch: bool) -> None:
         with self._lock:
             entry = self._plain.setdefault(name, _Plain(None, 0.0))
+            entry.fetch = entry.fetch or fetch
             if entry.probing:
                 return
             entry.probing = True
@@ -219,11 +222,13 @@ class AdapterManager:
             if error is None or entry.version is None:  # keep serving the last known version on outages
                 entry.version = version
             entry.error, entry.checked_at, entry.probing = error, time.monotonic(), False
-            # An adapter is looked up to be used: its fetch starts here, not a loop turn later when
-            # the job parked for the lookup asks again (that costs a step of its wait).
-            key = None if version is None else f"{name}@{version}"
-            if key is not None and key not in self._host and key not in self._loads:
-                load = self._loads[key] = _Load(AdapterRef(name, version), wanted_at=time.monotonic())
+            # A job parked for this lookup: its fetch starts here, not a loop turn later when the
+            # job asks again (that costs it a step). (Not for a prefetch: a fleet's workers all
+            # look up the same next adapters, and only one of them loads each.)
+            ref = AdapterRef(name, version) if version is not None and entry.fetch else None
+            entry.fetch = False
+            if ref is not None and ref.key not in self._host and ref.key not in self._loads:
+                load = self._loads[ref.key] = _Load(ref, wanted_at=time.monotonic())
         if load is not None:
             with contextlib.suppress(RuntimeError):  # closed meanwhile: nothing more is fetched
                 self._pool.submit(self._fetch, load)

@@ -352,7 +352,7 @@ class Intake:
         start fetching it and return None. Resolved at every start, so that once a push is
         acknowledged no new sequence starts on the old version."""
         try:
-            ref = self.adapters.resolve(adapter_id)
+            ref = self.adapters.resolve(adapter_id, fetch=True)
         except AdapterPending:
             return None
         except AdapterNotFound as exc:
