@@ -55,6 +55,7 @@ class Gateway:
         try:
             yield
         finally:
+            await self._completions.drain()
             self._completions = None
             await producer.aclose()
 

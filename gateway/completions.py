@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive
 
+from lorafleet.gateway.batching import submitter
 from lorafleet.gateway.body import parse_json, read_limited
 from lorafleet.gateway.config import GatewayConfig
 from lorafleet.gateway.errors import SERVER, TIMEOUT, APIError, from_job_failure, invalid
@@ -100,6 +101,7 @@ class Completions:
         self.tenants = tenants
         self.metrics = metrics
         self.usage = UsageRecorder(producer.redis, self.keys, config.usage_ttl)
+        self._submits = submitter(producer)
         self.catalog = Catalog(
             producer.redis, self.keys, config.base_model, check=config.models, ttl=config.registry_ttl
         )
@@ -162,9 +164,8 @@ class Completions:
         if parsed.user is not None:
             metadata["user"] = parsed.user
         try:
-            return await self.producer.submit(
-                **parsed.spec, adapter=choice.adapter, job_id=new_job_id(), metadata=metadata
-            )
+            spec = {**parsed.spec, "adapter": choice.adapter, "job_id": new_job_id(), "metadata": metadata}
+            return await self._submits(spec)
         except QueueFull as exc:
             message = f"the queue of {parsed.model!r} is full ({exc.length} jobs waiting or running)"
             raise APIError(
@@ -174,6 +175,11 @@ class Completions:
             raise invalid(str(exc)) from None
         except redis.RedisError as exc:
             raise redis_down(exc) from None
+
+    async def drain(self) -> None:
+        """Finish the Redis writes in flight (at shutdown)."""
+        await self._submits.drain()
+        await self.usage.drain()
 
     async def _wait(self, handle: AsyncJobHandle, receive: Receive, work: Callable[[], Awaitable[T]]) -> T:
         """Wait for `work` (a reply of `handle`); cancels the job when the client goes away."""

@@ -22,6 +22,7 @@ from typing import Any
 import redis
 import redis.asyncio
 
+from lorafleet.gateway.batching import Coalescer, ScriptBatch
 from lorafleet.producer.keys import BASE_QUEUE, Keys
 from lorafleet.producer.protocol import Usage
 from lorafleet.producer.streams import text
@@ -49,15 +50,16 @@ return 1
 
 
 class UsageRecorder:
-    """Adds finished requests to the hourly counters (one EVALSHA each)."""
+    """Adds finished requests to the hourly counters: one EVALSHA of `RECORD` each, those of
+    concurrent requests sent in one pipeline (`lorafleet.gateway.batching`)."""
 
     def __init__(self, client: redis.asyncio.Redis, keys: Keys, ttl: int) -> None:
         self.keys = keys
         self.ttl = ttl
-        self._script = client.register_script(RECORD)
+        self._writes = Coalescer(ScriptBatch(client, RECORD).run)
 
     async def record(self, adapter: str, tenant: str, usage: Usage, now: float | None = None) -> None:
-        """Add one finished request's tokens to its hour's counters."""
+        """Add one finished request's tokens to its hour's counters; returns once they are in Redis."""
         key = self.keys.usage(int((time.time() if now is None else now) // HOUR))
         args: list[str | int] = [
             f"{adapter}{SEP}{tenant}{SEP}",
@@ -65,7 +67,11 @@ class UsageRecorder:
             usage.completion_tokens,
             self.ttl,
         ]
-        await self._script(keys=[key], args=args)
+        await self._writes(([key], args))
+
+    async def drain(self) -> None:
+        """Wait for the records in flight."""
+        await self._writes.drain()
 
 
 @dataclass
