@@ -56,12 +56,13 @@ class UsageRecorder:
     def __init__(self, client: redis.asyncio.Redis, keys: Keys, ttl: int) -> None:
         self.keys = keys
         self.ttl = ttl
-        self._writes = Coalescer(ScriptBatch(client, RECORD).run)
+        # each item: the EVALSHA's keys and args; each outcome: the script's answer
+        self._writes: Coalescer[tuple[list[str], list[Any]], Any] = Coalescer(ScriptBatch(client, RECORD).run)
 
     async def record(self, adapter: str, tenant: str, usage: Usage, now: float | None = None) -> None:
         """Add one finished request's tokens to its hour's counters; returns once they are in Redis."""
         key = self.keys.usage(int((time.time() if now is None else now) // HOUR))
-        args: list[str | int] = [
+        args: list[Any] = [
             f"{adapter}{SEP}{tenant}{SEP}",
             usage.prompt_tokens,
             usage.completion_tokens,
