@@ -5,7 +5,8 @@ constant step), for its "ours" (the same `Scheduler` code the workers run) and "
 baseline) policies, each on the ideal worker and on the model of the real one (`Workload.real_worker`:
 admission one step late, loads on the step, the directory as fresh as the worker keeps it, 64 queues
 per plan; see SIM_SIDES). The real fleet runs once per `--prefetch` setting: "real" with the
-scheduler's default (2 adapters named for prefetching per plan), "real, no prefetch" with 0.
+scheduler's default (2 adapters named for prefetching per plan), "real, no prefetch" with 0
+(`--prefetch 2,0` runs both on each trace).
 
 What runs:
 - Workers: `Worker(config, engine=TimingEngine)` processes (benchmarks/fleet_engine.py), forked from a
@@ -48,6 +49,9 @@ end of its first step), loop turns per job, the workers' mean batch and device-b
     python benchmarks/bench_fleet.py           # 8 workers, 16 and 128 slots, 100 and 10,000
                                                # adapters, 60 s traces: about 6 min
     python benchmarks/bench_fleet.py --adapters 1000 --jobs 2400   # any other setting
+    python benchmarks/bench_fleet.py --slots 16 --adapters 10000 --load 0.95 --prefetch 2,0 \
+        --tag prefetch                         # with and without prefetching, side by side:
+                                               # bench_fleet_prefetch.json
 
 A run takes its trace's duration plus the tail of its longest jobs (~20 s at 64 steps on average) plus
 a few seconds of start-up and simulation per setting. Worker logs and stats files stay under
@@ -123,9 +127,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--step-ms", type=float, default=40.0)
     p.add_argument("--load-ms", type=float, default=25.0, help="device load of one adapter")
     p.add_argument(
-        "--prefetch", type=ints, default=[2, 0],
-        help="the scheduler's max_prefetch of the real fleet, a list: one real run each (2,0)",
+        "--prefetch", type=ints, default=[2],
+        help="the scheduler's max_prefetch of the real fleet, a list: one real run each (2; 2,0 for both)",
     )  # fmt: skip
+    p.add_argument("--tag", default="", help="results go to bench_fleet_TAG.json/.png")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--assets", type=Path, default=Path("/tmp/lorafleet-bench-fleet"), help="model, adapters")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for replies after the trace")
@@ -800,10 +805,11 @@ def main(argv: list[str] | None = None) -> int:
         "redis_commands_per_job": runs,
         "wall_s": wall,
     }
-    path = write_results("bench_fleet", rows, extra)
+    name = f"bench_fleet_{args.tag}" if args.tag else "bench_fleet"
+    path = write_results(name, rows, extra)
     print(f"wrote {path}")
     if not args.no_plot:
-        png = plot(settings, common.RESULTS_DIR / "bench_fleet.png")
+        png = plot(settings, common.RESULTS_DIR / f"{name}.png")
         if png is not None:
             print(f"wrote {png}")
     return 0

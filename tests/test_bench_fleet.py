@@ -16,12 +16,12 @@ def test_two_workers_answer_every_job_and_write_the_results(tmp_path: Path) -> N
     cmd = [
         sys.executable, str(BENCH), "--workers", "2", "--slots", "4", "--adapters", "20", "--jobs", "20",
         "--tokens", "8", "--batch", "4", "--load", "0.4", "--step-ms", "20", "--load-ms", "10",
-        "--timeout", "30", "--no-plot",
+        "--timeout", "30", "--no-plot", "--prefetch", "2,0", "--tag", "small",
         "--assets", str(tmp_path / "assets"), "--results-dir", str(tmp_path / "results"),
     ]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    data = json.loads((tmp_path / "results" / "bench_fleet.json").read_text())
+    data = json.loads((tmp_path / "results" / "bench_fleet_small.json").read_text())
     sides = {row["side"]: row for row in data["rows"]}
     assert set(sides) == {
         "real", "real, no prefetch", "sim ours", "sim ours, real worker", "sim fifo-lru",
