@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import anyio
@@ -87,6 +87,7 @@ class Outcome:
 
     status: int
     adapter: str = ""
+    started: float = field(default_factory=time.perf_counter)  # when the request arrived
 
 
 class Completions:
@@ -108,7 +109,6 @@ class Completions:
 
     async def handle(self, request: Request, kind: str) -> Response:
         """Answer one request of `kind` (CHAT or COMPLETION); never raises."""
-        started = time.perf_counter()
         endpoint = "chat" if kind == CHAT else "completions"
         outcome = Outcome(500)
         tenant_name = "-"
@@ -127,8 +127,8 @@ class Completions:
             error = APIError(500, "internal error in the gateway", kind=SERVER)
             response = JSONResponse(error.body(), 500)
         if not isinstance(response, EventSourceResponse):  # a stream is counted when it ends
-            self.metrics.observe(endpoint, outcome.adapter, tenant_name, outcome.status,
-                                 time.perf_counter() - started)  # fmt: skip
+            seconds = time.perf_counter() - outcome.started
+            self.metrics.observe(endpoint, outcome.adapter, tenant_name, outcome.status, seconds)
         return response
 
     async def _generate(self, request: Request, kind: str, tenant: Tenant, outcome: Outcome) -> Response:
@@ -156,7 +156,7 @@ class Completions:
         first = await self._wait(handle, receive, lambda: anext(replies))
         outcome.status = 200
         shaper = ResponseShaper(kind, self._response_id(kind, handle), parsed.model)
-        events = self._events(parsed, choice, tenant, handle, first, replies, shaper)
+        events = self._events(parsed, choice, tenant, handle, first, replies, shaper, outcome.started)
         return EventSourceResponse(events, ping=15)
 
     async def _submit(self, parsed: GenerationRequest, choice: ModelChoice, tenant: Tenant) -> AsyncJobHandle:
@@ -221,9 +221,9 @@ class Completions:
     async def _events(
         self, parsed: GenerationRequest, choice: ModelChoice, tenant: Tenant, handle: AsyncJobHandle,
         first: Chunk | Result, replies: AsyncIterator[Chunk | Result], shaper: ResponseShaper,
+        started: float,
     ) -> AsyncIterator[dict[str, str]]:  # fmt: skip
         """The server-sent events of a stream: deltas, the finish, the usage, ``[DONE]``."""
-        started = time.perf_counter()
         status, finished, streamed = 200, False, ""
         try:
             reply = first

@@ -32,7 +32,7 @@ def test_tiny_run_measures_both_paths_and_writes_the_results(tmp_path: Path) -> 
     rows = json.loads((tmp_path / "bench_gateway.json").read_text())["rows"]
     latency = {r["path"]: r for r in rows if "p50_ms" in r}
     rates = {r["path"]: r for r in rows if "per_s" in r}
-    assert set(latency) == {"direct", "gateway", "gateway stream"}
+    assert set(latency) == {"direct", "gateway", "gateway stream", "gateway, openai client"}
     assert set(rates) == {"direct", "gateway"}
     assert all(r["n"] == 10 and r["p99_ms"] >= r["p50_ms"] > 0 for r in latency.values())
     assert rates["gateway"]["per_s"] > 0

@@ -388,7 +388,6 @@ def test_the_producer_command_line_does_not_load_the_web_stack():
     assert out.stdout.strip() == "[]"
 
 
-@pytest.mark.slow
 def test_gateway_command_serves_and_warns_when_open(url):
     from gateway_harness import free_port
 
