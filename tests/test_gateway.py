@@ -337,18 +337,33 @@ def test_a_client_that_disconnects_cancels_its_job(client, gateway, url):
     while not r.exists(cancel) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert r.exists(cancel)
-    # a non-streaming request whose client gives up: the same
-    before = set(r.scan_iter(match="lorafleet:cancel:*"))
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(
-            gateway.base_url + "/chat/completions",
-            timeout=1.0,
-            json={"model": "team-a", "messages": CHAT, "max_tokens": 5000, "ignore_eos": True},
-        )
-    deadline = time.monotonic() + 10
-    while set(r.scan_iter(match="lorafleet:cancel:*")) == before and time.monotonic() < deadline:
+
+
+def _wait_for(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert set(r.scan_iter(match="lorafleet:cancel:*")) - before
+    return condition()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_gives_up_waiting_cancels_its_queued_job(url, stream):
+    """No worker reads this namespace: the job waits, the client times out, the gateway cancels it
+    (a stream waits for its first reply before it answers, so it is cancelled the same way)."""
+    served = serve(GatewayConfig(redis_url=url, namespace=f"idle-{stream}", models="any"))
+    r = redis.Redis.from_url(url)
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                served.base_url + "/completions",
+                timeout=0.5,
+                json={"model": "team-a", "prompt": "hello", "stream": stream},
+            )
+        (job,) = [key.decode().rsplit(":", 1)[1] for key in r.scan_iter(match=f"idle-{stream}:job:*")]
+        assert _wait_for(lambda: r.exists(Keys(f"idle-{stream}").cancel(job)))
+        assert r.get(Keys(f"idle-{stream}").cancels) == b"1"  # workers are told to look
+    finally:
+        served.stop()
 
 
 def test_models_lists_the_base_model_and_ready_registry_adapters(url):
