@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -155,7 +154,7 @@ def parse_since(value: str, now: float | None = None) -> float:
 
 def group_totals(rows: list[UsageRow]) -> dict[str, int]:
     """Grand totals of a report."""
-    totals: dict[str, int] = defaultdict(int)
+    totals: dict[str, int] = dict.fromkeys(("requests", "prompt_tokens", "completion_tokens"), 0)
     for row in rows:
         totals["requests"] += row.requests
         totals["prompt_tokens"] += row.prompt_tokens

@@ -62,3 +62,12 @@ async def test_usage_records_of_concurrent_requests_all_land(redis_url):
 def test_usage_window_is_bounded(redis_url):
     with pytest.raises(ValueError, match="hours"):
         read_usage(redis.Redis.from_url(redis_url), Keys(), since=0, until=10**9)
+
+
+def test_usage_of_an_empty_window_is_a_table_of_zeros(redis_url, capsys):
+    from lorafleet.producer.cli import main
+
+    assert main(["usage", "--redis-url", redis_url, "--since", "2h"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].split() == ["total", "0", "0", "0", "0"]
+    assert main(["usage", "--redis-url", redis_url, "--since", "yesterday"]) == 2
+    assert "--since" in capsys.readouterr().err
