@@ -12,6 +12,7 @@ Each caller still gets its own outcome, and a failure of one item concerns that 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Generic, TypeVar
 
@@ -64,12 +65,17 @@ class Coalescer(Generic[ItemT, OutcomeT]):
         self.batches += 1
         try:
             outcomes = await self._run_batch([item for item, _ in batch])
+        except asyncio.CancelledError:  # shutting down: no caller may wait for ever
+            for _, future in batch:
+                future.cancel()
+            raise
         except Exception as exc:
             outcomes = [exc] * len(batch)
         for (_, future), outcome in zip(batch, outcomes, strict=True):
             if future.cancelled():
                 if self._orphan is not None and not isinstance(outcome, BaseException):
-                    await self._orphan(outcome)
+                    with contextlib.suppress(Exception):  # best effort; the others still get theirs
+                        await self._orphan(outcome)
             elif isinstance(outcome, BaseException):
                 future.set_exception(outcome)
             else:

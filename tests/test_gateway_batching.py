@@ -71,3 +71,15 @@ def test_usage_of_an_empty_window_is_a_table_of_zeros(redis_url, capsys):
     assert capsys.readouterr().out.splitlines()[-1].split() == ["total", "0", "0", "0", "0"]
     assert main(["usage", "--redis-url", redis_url, "--since", "yesterday"]) == 2
     assert "--since" in capsys.readouterr().err
+
+
+async def test_a_submit_whose_caller_is_gone_is_cancelled(redis_url):
+    async with AsyncProducer(redis_url) as producer:
+        submit = submitter(producer)
+        caller = asyncio.ensure_future(submit({"prompt": "a", "adapter": "bot", "job_id": "orphan-1"}))
+        await asyncio.sleep(0)  # the caller has handed its spec in; the batch runs on the next turn
+        caller.cancel()
+        await submit.drain()
+        r = redis.Redis.from_url(redis_url)
+        assert r.xlen(Keys().jobs("bot")) == 1  # it was submitted
+        assert r.exists(Keys().cancel("orphan-1"))  # and cancelled, since nobody waits for it
