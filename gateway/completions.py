@@ -34,6 +34,7 @@ from lorafleet.gateway.errors import SERVER, TIMEOUT, APIError, from_job_failure
 from lorafleet.gateway.metrics import GatewayMetrics
 from lorafleet.gateway.models import Catalog, ModelChoice
 from lorafleet.gateway.openai_shapes import ResponseShaper, finish_reason, served_model
+from lorafleet.gateway.rates import RateLimiter
 from lorafleet.gateway.requests import CHAT, GenerationRequest, parse_request
 from lorafleet.gateway.tenants import Tenant, Tenants, check_allowed
 from lorafleet.gateway.usage import UsageRecorder, adapter_label
@@ -103,6 +104,7 @@ class Completions:
         self.metrics = metrics
         self.usage = UsageRecorder(producer.redis, self.keys, config.usage_ttl)
         self._submits = submitter(producer)
+        self.rates = RateLimiter(producer.redis, self.keys)
         self.catalog = Catalog(
             producer.redis, self.keys, config.base_model, check=config.models, ttl=config.registry_ttl
         )
@@ -142,7 +144,7 @@ class Completions:
             await self.catalog.check_served(choice, parsed.model)
         except redis.RedisError as exc:
             raise redis_down(exc) from None
-        tenant.admit()
+        await self._admit(tenant)
         handle = await self._submit(parsed, choice, tenant)
         receive = request.receive
         if not parsed.stream:
@@ -180,6 +182,7 @@ class Completions:
         """Finish the Redis writes in flight (at shutdown)."""
         await self._submits.drain()
         await self.usage.drain()
+        await self.rates.drain()
 
     async def _wait(self, handle: AsyncJobHandle, receive: Receive, work: Callable[[], Awaitable[T]]) -> T:
         """Wait for `work` (a reply of `handle`); cancels the job when the client goes away."""
@@ -204,12 +207,18 @@ class Completions:
     async def _account(self, choice: ModelChoice, tenant: Tenant, result: Result) -> None:
         """Meter a finished job: Redis usage counters, Prometheus counters, the tenant's token rate."""
         label = adapter_label(choice.adapter)
-        tenant.spend_tokens(result.usage.prompt_tokens + result.usage.completion_tokens)
         self.metrics.add_usage(label, tenant.name, result.usage)
         try:
+            await self.rates.spend_tokens(tenant, result.usage.prompt_tokens + result.usage.completion_tokens)
             await self.usage.record(label, tenant.name, result.usage)
         except redis.RedisError:
-            log.warning("usage not recorded (Redis error)", exc_info=True)
+            log.warning("usage or rate not recorded (Redis error)", exc_info=True)
+
+    async def _admit(self, tenant: Tenant) -> None:
+        try:
+            await self.rates.admit(tenant)
+        except redis.RedisError as exc:
+            raise redis_down(exc) from None
 
     def _served(self, parsed: GenerationRequest, choice: ModelChoice, result: Result) -> str:
         return served_model(parsed.model, choice.adapter, result.adapter_version, self.config.base_model)

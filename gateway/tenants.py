@@ -14,7 +14,7 @@ request's bearer key is hashed and looked up, and the hashes are compared with
 `hmac.compare_digest`, so lookups take the same time whatever the key.
 `models` holds adapter names or globs (``fnmatch``: ``*``, ``?``, ``[...]``) matched against the
 adapter name (a pinned ``name@version`` matches by its name) or the base model's name. Rates are
-token buckets kept in this gateway process: with several gateways, each enforces its own.
+token buckets in Redis, shared by every gateway (`lorafleet.gateway.rates`).
 With no tenants configured the gateway is open: every request is served as tenant ``-``.
 """
 
@@ -26,16 +26,15 @@ import hmac
 import json
 import re
 import secrets
-import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorafleet.gateway.errors import AUTHENTICATION, PERMISSION, RATE_LIMIT, APIError
+from lorafleet.gateway.errors import AUTHENTICATION, PERMISSION, APIError
+from lorafleet.producer.keys import check_client_id
 
 OPEN_TENANT = "-"  # the tenant of every request when no keys are configured
-_TENANT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TENANT_FIELDS = frozenset({"name", "key_sha256", "models", "requests_per_minute", "tokens_per_minute"})
 KEY_PREFIX = "lf-"
@@ -51,32 +50,6 @@ def new_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
-class TokenBucket:
-    """`rate` units per minute, up to a minute's worth at once; `take` may drive it below zero
-    (tokens are counted when a result arrives), which then holds new requests back until it refills."""
-
-    def __init__(self, per_minute: int) -> None:
-        self.rate = per_minute / 60.0
-        self.capacity = float(per_minute)
-        self.level = self.capacity
-        self.stamp = time.monotonic()
-
-    def _refill(self) -> None:
-        now = time.monotonic()
-        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
-        self.stamp = now
-
-    def wait_time(self, need: float) -> float:
-        """Seconds until `need` units are there (0: now)."""
-        self._refill()
-        return 0.0 if self.level >= need else (need - self.level) / self.rate
-
-    def take(self, amount: float) -> None:
-        """Remove `amount` units (the level may go negative)."""
-        self._refill()
-        self.level -= amount
-
-
 @dataclass
 class Tenant:
     """One API key's owner: its name (a label in usage and metrics), the models it may call, its rates."""
@@ -86,35 +59,10 @@ class Tenant:
     models: tuple[str, ...] = ("*",)
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
-    _requests: TokenBucket | None = field(default=None, repr=False)
-    _tokens: TokenBucket | None = field(default=None, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.requests_per_minute is not None:
-            self._requests = TokenBucket(self.requests_per_minute)
-        if self.tokens_per_minute is not None:
-            self._tokens = TokenBucket(self.tokens_per_minute)
 
     def allows(self, model_name: str) -> bool:
         """Whether this tenant may call `model_name` (an adapter name, or the base model's name)."""
         return any(fnmatch.fnmatchcase(model_name, pattern) for pattern in self.models)
-
-    def admit(self) -> None:
-        """Count one request against the rates; 429 with the wait when a rate is used up."""
-        waits = [bucket.wait_time(1.0) for bucket in (self._requests, self._tokens) if bucket is not None]
-        wait = max(waits, default=0.0)
-        if wait > 0:
-            raise APIError(
-                429, f"rate limit of tenant {self.name!r} reached; retry in {wait:.1f} s",
-                kind=RATE_LIMIT, code="rate_limit_exceeded", retry_after=wait,
-            )  # fmt: skip
-        if self._requests is not None:
-            self._requests.take(1.0)
-
-    def spend_tokens(self, count: int) -> None:
-        """Count the tokens of a finished request against the token rate."""
-        if self._tokens is not None:
-            self._tokens.take(float(count))
 
 
 OPEN = Tenant(OPEN_TENANT, "")
@@ -196,8 +144,10 @@ def _tenant(entry: Any, where: str) -> Tenant:
     if unknown:
         raise ValueError(f"{where} has an unknown field {unknown[0]!r} (a plain 'key' is never stored)")
     name, digest, models = entry.get("name"), entry.get("key_sha256"), entry.get("models", ["*"])
-    if not isinstance(name, str) or not _TENANT_NAME.fullmatch(name) or name == OPEN_TENANT:
-        raise ValueError(f"{where}.name must be 1..64 characters of [A-Za-z0-9._-]")
+    try:
+        name = check_client_id(name, "name")  # it becomes part of Redis keys (rates) and usage fields
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}.name must be 1..64 characters of [A-Za-z0-9._-], no leading '.'") from None
     if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
         raise ValueError(f"{where}.key_sha256 must be 64 lowercase hex digits (the SHA-256 of the key)")
     if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):

@@ -172,7 +172,9 @@ class Keys:
         adapter_names     ``{ns}:adapter-names``      set: every name with a registry entry
         adapter_events    ``{ns}:adapter-events``     stream (MAXLEN ~): ready/warm/removed, for workers
         control           ``{ns}:control``            name of the RQ queue of control jobs (RQ keys: ``rq:``)
-    Gateway usage metering:
+    Gateway rates and usage metering:
+        rate(tenant, kind) ``{ns}:rate:{tenant}:{kind}`` hash with a TTL: a tenant's token bucket (level, ms);
+                                                 kind = requests | tokens
         usage(hour)       ``{ns}:usage:{hour}``       hash with a TTL, one per hour (unix seconds // 3600):
                                                  ``{adapter}|{tenant}|{kind}`` -> count
     """
@@ -306,6 +308,12 @@ class Keys:
         if isinstance(hour, bool) or not isinstance(hour, int) or hour < 0:
             raise ValueError(f"usage hour must be a non-negative integer, got {hour!r}")
         return f"{self.namespace}:usage:{hour}"
+
+    def rate(self, tenant: str, kind: str) -> str:
+        """Token bucket of one tenant's rate (a hash of ``level`` and ``ms``; kind = requests | tokens)."""
+        if kind not in ("requests", "tokens"):
+            raise ValueError(f"rate kind must be requests or tokens, got {kind!r}")
+        return f"{self.namespace}:rate:{check_client_id(tenant, 'tenant')}:{kind}"
 
     @property
     def usage_prefix(self) -> str:

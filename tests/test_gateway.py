@@ -493,3 +493,33 @@ def test_usage_hours_expire(keyed, url):
     key = Keys().usage(int(time.time() // 3600))
     assert r.hget(key, "team-a|tenant-a|requests") is not None
     assert 0 < r.ttl(key) <= GatewayConfig().usage_ttl
+
+
+def test_rates_are_shared_by_every_gateway_and_count_tokens(url, worker):
+    tenants = json.dumps(
+        {
+            "tenants": [
+                {"name": "shared", "key_sha256": hash_key("k-shared"), "requests_per_minute": 2},
+                {"name": "wordy", "key_sha256": hash_key("k-wordy"), "tokens_per_minute": 5},
+            ]
+        }
+    )
+    first = serve(GatewayConfig(redis_url=url, models="any", api_keys=tenants))
+    second = serve(GatewayConfig(redis_url=url, models="any", api_keys=tenants))
+    try:
+        clients = [
+            openai.OpenAI(base_url=g.base_url, api_key="k-shared", max_retries=0) for g in (first, second)
+        ]
+        for client in clients:  # one request through each gateway: the tenant's two per minute
+            client.completions.create(model="base", prompt="hi", max_tokens=1)
+        with pytest.raises(openai.RateLimitError):
+            clients[0].completions.create(model="base", prompt="hi", max_tokens=1)
+        wordy = openai.OpenAI(base_url=second.base_url, api_key="k-wordy", max_retries=0)
+        answer = wordy.completions.create(model="base", prompt="a prompt of a few words", max_tokens=1)
+        assert answer.usage.total_tokens > 5  # more than a minute's worth: the bucket is in debt
+        with pytest.raises(openai.RateLimitError) as limited:
+            wordy.completions.create(model="base", prompt="hi", max_tokens=1)
+        assert int(limited.value.response.headers["retry-after"]) > 1
+    finally:
+        first.stop()
+        second.stop()
