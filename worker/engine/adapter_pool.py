@@ -9,6 +9,7 @@ policy, `choose_victim`: unset, the least recently used; the worker sets its sch
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -27,16 +28,28 @@ class AdapterPool:
         # and none is free; None: wait for a slot. Unset: the least recently used.
         self.choose_victim: Callable[[list[str]], str | None] | None = None
         self.stats = {"adapter_loads": 0, "adapter_evictions": 0, "adapter_hits": 0}
+        self._versions: dict[str, str] = {}  # registered name -> the key of this registration
+        self._registrations = itertools.count()
 
     def register(self, name: str, adapter: LoraAdapter) -> None:
         """Add or replace the adapter `name` (a replaced version leaves its slot once unread)."""
         self._retire_resident(name)
         self.adapters[name] = adapter
+        # The worker registers each adapter version under `name@content-hash`, but the engine's API
+        # also lets a caller replace a name with other weights: each registration gets its own key,
+        # so cached K/V of an earlier registration are never found again (a re-registered version
+        # costs misses, never a stale hit).
+        self._versions[name] = f"{name}#{next(self._registrations)}"
+
+    def version_key(self, name: str) -> str:
+        """The key of the weights registered under `name` now (prefix-cache keys include it)."""
+        return self._versions[name]
 
     def remove(self, name: str) -> bool:
         """Forget `name`; sequences reading its slot finish on it. False if it was not registered."""
         if self.adapters.pop(name, None) is None:
             return False
+        del self._versions[name]
         self._retire_resident(name)
         return True
 

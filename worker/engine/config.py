@@ -21,6 +21,9 @@ class EngineConfig:
     # Launch each LoRA shrink-expand pair with programmatic dependent launch (`lora_apply(pdl=True)`;
     # compute capability 9.0+, ignored elsewhere). Off until benchmarks/bench_kernels.py measures it.
     lora_pdl: bool = False
+    # Share the KV blocks of prompt prefixes already computed (same model, adapter version and tokens):
+    # their prefill is skipped. Off: every prompt is prefilled from scratch.
+    prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         checks = {

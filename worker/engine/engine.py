@@ -16,6 +16,7 @@ are queued on the device; the worker does its own host work (reading Redis, canc
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -30,7 +31,7 @@ from lorafleet.worker.engine.adapter_pool import AdapterPool
 from lorafleet.worker.engine.batch import StepBatch, build_step_batch
 from lorafleet.worker.engine.config import EngineConfig
 from lorafleet.worker.engine.cuda_graphs import DecodeGraphs
-from lorafleet.worker.engine.kv_cache import KVCache, KVCacheInfo
+from lorafleet.worker.engine.kv_cache import KVCache, KVCacheInfo, PrefixMatch
 from lorafleet.worker.engine.lora import (
     AdapterError,
     AdapterSlots,
@@ -40,6 +41,7 @@ from lorafleet.worker.engine.lora import (
 )
 from lorafleet.worker.engine.model import DecoderModel
 from lorafleet.worker.engine.output import TextOutput
+from lorafleet.worker.engine.prefix_cache import extend_keys, root_key
 from lorafleet.worker.engine.sampling import SamplingBatch, greedy, sample
 from lorafleet.worker.engine.sequence import (
     FinishReason,
@@ -99,6 +101,14 @@ class Engine:
         self._host_ids: torch.Tensor | None = None  # pinned buffer the sampled ids are copied into
         self._ids = itertools.count()
         self.stats = self.pool.stats  # adapter_loads, adapter_evictions, adapter_hits
+        # Prompt tokens admitted and, of those, found in the prefix cache (not computed).
+        self.prefix_stats = {"prompt_tokens": 0, "cached_tokens": 0}
+        # The base model's part of every prefix-cache key. Cached blocks live in this engine's KV
+        # cache and die with it, so one model's config (plus dtype) is enough to tell it apart; being
+        # deterministic (no random salt), the same keys can name prefixes across a fleet's workers.
+        self.model_key = hashlib.blake2b(
+            f"{model.config.to_json_string()}\0{model.dtype}".encode(), digest_size=16
+        ).hexdigest()
 
     @classmethod
     def from_pretrained(
@@ -257,14 +267,14 @@ class Engine:
                     outputs.append(StepOutput(seq.request_id, [], True, seq.finish_reason))
                     continue
                 try:
-                    started = self._try_start(seq, prefill_tokens)
+                    computed = self._try_start(seq, prefill_tokens)
                 except Exception:  # e.g. a slot copy failed: it waits again, with the rest
                     kept.append(seq)
                     raise
-                if not started:
+                if computed is None:
                     kept.append(seq)
                     continue
-                prefill_tokens += len(seq.request.prompt_ids)
+                prefill_tokens += computed
         except Exception:
             self._carried += outputs  # reported by the next step
             raise
@@ -273,28 +283,65 @@ class Engine:
             self._waiting = kept
         return outputs
 
-    def _try_start(self, seq: Sequence, prefill_tokens: int) -> bool:
+    def _try_start(self, seq: Sequence, prefill_tokens: int) -> int | None:
+        """Admit `seq` if the batch, the step's prefill budget, KV blocks and an adapter slot allow:
+        the prompt tokens it will compute (those not in the prefix cache), or None."""
         prompt = len(seq.request.prompt_ids)
         if len(self._running) >= self.config.max_batch:
-            return False
-        if prefill_tokens and prefill_tokens + prompt > self.config.max_prefill_tokens:
-            return False
+            return None
         name = seq.request.adapter
         if name is not None and name not in self.pool.adapters:
             seq.finish_reason = FinishReason.ABORTED
-            return False
+            return None
+        match = self._match_prefix(seq)
+        computed = prompt - match.cached_tokens
+        if prefill_tokens and prefill_tokens + computed > self.config.max_prefill_tokens:
+            return None
         blocks = self.kv.blocks_for(self._budget(seq.request))
-        if blocks > self.kv.unreserved_blocks:
-            return False
+        if blocks - len(match.shared) > self.kv.unreserved_blocks:  # a quick no before a slot load
+            return None
+        slot = -1
         if name is not None:
-            slot = self.pool.acquire(name)
-            if slot is None:
-                return False
-            seq.lora_slot = slot
-        self.kv.reserve(blocks)
-        seq.reserved_blocks = blocks
+            acquired = self.pool.acquire(name)
+            if acquired is None:
+                return None
+            slot = acquired
+        owed = self.kv.admit(seq.block_table, match, blocks)
+        if owed is None:  # shared blocks that were reclaimable count too
+            if slot >= 0:
+                self.pool.release(slot)
+            return None
+        seq.lora_slot, seq.reserved_blocks = slot, owed
+        seq.num_cached = seq.prefix_hit = match.cached_tokens
+        self.prefix_stats["prompt_tokens"] += prompt
+        self.prefix_stats["cached_tokens"] += match.cached_tokens
         self._running.append(seq)
-        return True
+        return computed
+
+    def _match_prefix(self, seq: Sequence) -> PrefixMatch:
+        """The prompt's longest prefix of full blocks in the prefix cache (keys kept on `seq`)."""
+        if not self.config.prefix_cache:
+            return PrefixMatch.none()
+        name = seq.request.adapter
+        seq.cache_root = root_key(self.model_key, None if name is None else self.pool.version_key(name))
+        prompt = seq.request.prompt_ids
+        seq.block_keys.clear()
+        extend_keys(
+            seq.block_keys, seq.cache_root, prompt, self.kv.block_size, len(prompt) // self.kv.block_size
+        )
+        return self.kv.match(seq.block_keys, len(prompt))
+
+    def _index_full_blocks(self, seq: Sequence) -> None:
+        """Offer the blocks that this step filled to the prefix cache."""
+        full = seq.num_cached // self.kv.block_size
+        if seq.cache_root is None or full <= seq.indexed:
+            return
+        tokens = seq.request.prompt_ids
+        if full * self.kv.block_size > len(tokens):  # blocks of generated tokens too
+            tokens = tokens + seq.output_ids
+        extend_keys(seq.block_keys, seq.cache_root, tokens, self.kv.block_size, full)
+        self.kv.index_blocks(seq.block_table, seq.block_keys[:full], seq.indexed)
+        seq.indexed = full
 
     def step(self) -> list[StepOutput]:
         """Admit, run one forward over all running sequences, sample, retire the finished ones.
@@ -322,7 +369,7 @@ class Engine:
             return
         try:
             for seq in seqs:
-                self.kv.grow(seq.block_table, seq.length)
+                seq.reserved_blocks -= self.kv.grow(seq.block_table, seq.length)
             batch = build_step_batch(seqs, self.kv.block_size, self.device)
             logits = self._forward(batch)  # [B, V]
             if all(s.request.temperature == 0 for s in seqs):
@@ -355,6 +402,7 @@ class Engine:
             if seq.is_finished:  # aborted while the step ran: its token is dropped
                 continue
             seq.num_cached = seq.length
+            self._index_full_blocks(seq)
             seq.output_ids.append(int(token))
             self._check_stop(seq)
         finished = [s for s in seqs if s.is_finished and s.finish_reason != FinishReason.ABORTED]
@@ -443,7 +491,7 @@ class Engine:
             ids = seq.output_ids[:-1] if reason == FinishReason.STOP else seq.output_ids
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
         return GenerationOutput(
-            seq.request_id, list(seq.output_ids), reason, text, len(seq.request.prompt_ids)
+            seq.request_id, list(seq.output_ids), reason, text, len(seq.request.prompt_ids), seq.prefix_hit
         )
 
 

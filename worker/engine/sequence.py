@@ -66,6 +66,7 @@ class GenerationOutput:
     finish_reason: FinishReason
     text: str | None = None
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (not computed)
 
 
 @dataclass
@@ -101,6 +102,12 @@ class Sequence:
     reserved_blocks: int = 0
     lora_slot: int = -1
     num_cached: int = 0  # tokens whose K/V are in the cache
+    prefix_hit: int = 0  # prompt tokens found in the prefix cache at admission
+    # Prefix caching (None: off for this sequence): the root key (model + adapter version) and the
+    # keys of its full blocks so far; blocks before `indexed` are in the prefix index (or were offered).
+    cache_root: bytes | None = None
+    block_keys: list[bytes] = field(default_factory=list)
+    indexed: int = 0
     finish_reason: FinishReason | None = None
     order: int = field(default_factory=lambda: next(_seq_counter))
     # The output's text, decoded step by step: requests with stream_text or stop strings (engine-made).
