@@ -233,25 +233,27 @@ class Completions:
         started: float,
     ) -> AsyncIterator[dict[str, str]]:  # fmt: skip
         """The server-sent events of a stream: deltas, the finish, the usage, ``[DONE]``."""
-        status, finished, streamed = 200, False, ""
+        status, finished, opened, streamed = 200, False, False, ""
         try:
             reply = first
             while isinstance(reply, Chunk):
-                if reply.text or not streamed:
-                    yield _event(shaper.delta(reply.text, first=not streamed))
-                streamed += reply.text or ""
+                if reply.text or not opened:  # the first event says the role, even without text
+                    yield _event(shaper.delta(reply.text, first=not opened))
+                    opened = True
+                streamed += reply.text
                 reply = await self._next(replies)
-            result = reply
+            result, finished = reply, True
+            # Metered before the last events: a client that leaves after the text still pays for it.
+            with anyio.CancelScope(shield=True):
+                await self._account(choice, tenant, result)
             rest = result.text[len(streamed) :] if result.text.startswith(streamed) else ""
-            if rest or not streamed:  # a worker that sent the text in its result only
-                yield _event(shaper.delta(rest, first=not streamed))
+            if rest or not opened:  # a worker that sent the text in its result only
+                yield _event(shaper.delta(rest, first=not opened))
             shaper.model = self._served(parsed, choice, result)
             yield _event(shaper.delta("", reason=finish_reason(result)))
             if parsed.include_usage:
                 yield _event(shaper.usage_chunk(result.usage))
             yield {"data": "[DONE]"}
-            finished = True
-            await self._account(choice, tenant, result)
         except APIError as exc:
             status, finished = exc.status, True
             yield _event(exc.body())

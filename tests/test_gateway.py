@@ -304,16 +304,27 @@ def test_api_keys_tenant_globs_and_rates(keyed, url):
     assert float(limited.value.response.headers["retry-after"]) >= 1
 
 
+def _usage_row(url, capsys):
+    """tenant-a's usage of team-a over the last day, read with `lorafleet usage --json`."""
+    assert main(["usage", "--redis-url", url, "--key", "tenant-a", "--adapter", "team-a", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert len(rows) <= 1
+    return rows[0] if rows else {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
+
+
 def test_usage_is_metered_per_adapter_and_key(keyed, url, capsys):
     a = openai.OpenAI(base_url=keyed.base_url, api_key=KEY_A, max_retries=0, timeout=60)
-    answers = [a.completions.create(model="team-a", prompt=f"count {i}", max_tokens=3) for i in range(3)]
-    assert main(["usage", "--redis-url", url, "--key", "tenant-a", "--adapter", "team-a", "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    (row,) = report["rows"]
+    before = _usage_row(url, capsys)
+    usages = [a.completions.create(model="team-a", prompt=f"count {i}", max_tokens=3).usage for i in range(3)]
+    stream = a.completions.create(
+        model="team-a", prompt="streamed", max_tokens=3, stream=True, stream_options={"include_usage": True}
+    )
+    usages.append(list(stream)[-1].usage)  # a stream is metered as well
+    row = _usage_row(url, capsys)
     assert (row["adapter"], row["tenant"]) == ("team-a", "tenant-a")
-    # the earlier test's request of tenant-a counts too: at least these three, and their exact tokens
-    assert row["requests"] >= 3
-    assert row["completion_tokens"] >= sum(x.usage.completion_tokens for x in answers)
+    assert row["requests"] - before["requests"] == 4
+    assert row["prompt_tokens"] - before["prompt_tokens"] == sum(u.prompt_tokens for u in usages)
+    assert row["completion_tokens"] - before["completion_tokens"] == sum(u.completion_tokens for u in usages)
     metrics = httpx.get(keyed.url + "/metrics").text
     line = 'lorafleet_gateway_tokens_total{adapter="team-a",kind="completion",tenant="tenant-a"}'
     exported = next(float(x.split()[-1]) for x in metrics.splitlines() if x.startswith(line))
