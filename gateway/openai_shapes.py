@@ -34,13 +34,18 @@ def served_model(requested: str, adapter: str | None, version: str | None, base_
     return f"{name}@{version}" if version else requested
 
 
-def usage(counts: Usage) -> dict[str, int]:
-    """OpenAI's usage object."""
-    return {
+def usage(counts: Usage) -> dict[str, Any]:
+    """OpenAI's usage object; prompt tokens a worker's prefix cache served (when the worker reports
+    them) go in ``prompt_tokens_details.cached_tokens``, as OpenAI reports its own cache hits."""
+    out: dict[str, Any] = {
         "prompt_tokens": counts.prompt_tokens,
         "completion_tokens": counts.completion_tokens,
         "total_tokens": counts.prompt_tokens + counts.completion_tokens,
     }
+    cached = getattr(counts, "cached_tokens", 0)  # a field of newer workers' replies
+    if isinstance(cached, int) and cached > 0:
+        out["prompt_tokens_details"] = {"cached_tokens": cached}
+    return out
 
 
 class ResponseShaper:

@@ -106,3 +106,13 @@ def test_metric_labels_name_a_bounded_number_of_adapters():
               if line.startswith("lorafleet_gateway_tokens_total")}  # fmt: skip
     assert labels == {"a", "b", OTHER}
     assert 'lorafleet_gateway_tokens_total{adapter="other",kind="completion",tenant="t"} 4.0' in text
+
+
+def test_usage_reports_prompt_tokens_served_from_a_prefix_cache():
+    from types import SimpleNamespace
+
+    from lorafleet.gateway.openai_shapes import usage
+
+    assert usage(Usage(5, 2)) == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    cached = usage(SimpleNamespace(prompt_tokens=5, completion_tokens=2, cached_tokens=3))
+    assert cached["prompt_tokens_details"] == {"cached_tokens": 3}
