@@ -456,6 +456,7 @@ class Usage:
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt tokens, those whose prefill the worker's prefix cache skipped
 
 
 @dataclass(frozen=True)
@@ -533,6 +534,7 @@ def reply_to_wire(reply: Reply) -> dict[str, Any]:
             usage={
                 "prompt_tokens": reply.usage.prompt_tokens,
                 "completion_tokens": reply.usage.completion_tokens,
+                "cached_tokens": reply.usage.cached_tokens,
             },
             timings={
                 "queue_wait": reply.timings.queue_wait,
@@ -580,7 +582,13 @@ def _reply_from_wire(wire: Mapping[str, Any]) -> Reply | None:
             text=check_str("text", wire.get("text", "")),
             token_ids=tuple(wire.get("token_ids") or ()),
             finish_reason=check_str("finish_reason", wire.get("finish_reason", FinishReason.STOP)),
-            usage=Usage(**{k: int(usage[k]) for k in ("prompt_tokens", "completion_tokens") if k in usage}),
+            usage=Usage(
+                **{
+                    k: int(usage[k])
+                    for k in ("prompt_tokens", "completion_tokens", "cached_tokens")
+                    if k in usage
+                }
+            ),
             timings=Timings(
                 **{
                     k: float(timings[k])

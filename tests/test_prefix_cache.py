@@ -3,17 +3,31 @@ they get without the cache (and from PEFT), whatever the adapter versions, the b
 
 from __future__ import annotations
 
+import io
+import os
 import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 
 import pytest
+import redis
 import torch
 from interpreter import require_interpreter
 from peft import PeftModel
+from rich.console import Console
 from transformers import AutoModelForCausalLM
 
+from lorafleet.producer import Keys, Producer
+from lorafleet.worker.cli.top import render
 from lorafleet.worker.engine import synthetic
 from lorafleet.worker.engine.engine import Engine
 from lorafleet.worker.engine.sequence import GenerationRequest
+from lorafleet.worker.serve.config import WorkerConfig
+from lorafleet.worker.serve.fleet import fleet_status
 
 BLOCK = 8
 ADAPTERS = [
@@ -301,3 +315,73 @@ def test_prefix_hits_under_the_triton_kernels_give_the_reference_results(models,
     triton = _run_in_waves(_engine(model_dir, adapters), waves, steps_between=1)
     assert [triton[k].cached_tokens for k in "abc"] == [0, 16, 15]
     assert {k: o.token_ids for k, o in triton.items()} == {k: o.token_ids for k, o in reference.items()}
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_worker(model_dir, adapters_dir, redis_url, name, *extra):
+    args = [
+        sys.executable, "-m", "lorafleet.producer.cli", "worker", "--redis-url", redis_url,
+        "--model", str(model_dir), "--adapters", str(adapters_dir), "--name", name, "--max-loras", "2",
+        "--kv-cache-tokens", "2048", *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "LORAFLEET_CACHE_DIR": str(adapters_dir.parent / f"cache-{name}")}
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, env=env)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cache", [True, False])
+def test_a_worker_reports_cached_prompt_tokens_in_usage_metrics_and_top(models, tmp_path, redis_url, cache):
+    """A real worker process: the second job with the same prompt prefix reports its cached tokens in
+    the result's usage, in the Prometheus counters and in the fleet directory that `lorafleet top`
+    draws; with --no-prefix-cache none, and the same tokens."""
+    model_dir, adapters, _ = models["llama"]
+    store = tmp_path / "adapters"
+    shutil.copytree(adapters["qv-r8"], store / "tenant")
+    port = _free_port()
+    extra = ("--metrics-port", str(port)) + (() if cache else ("--no-prefix-cache",))
+    proc = _start_worker(model_dir, store, redis_url, "w1", *extra)
+    try:
+        system = _tokens(40, seed=11)
+        with Producer(redis_url) as producer:
+            results = [
+                producer.submit_many([dict(prompt_ids=system + turn, adapter="tenant", max_new_tokens=4,
+                                           temperature=0.0)])[0].result(timeout=120)
+                for turn in ([5, 6], [7, 8, 9])
+            ]  # fmt: skip
+        assert [r.usage.cached_tokens for r in results] == ([0, 32] if cache else [0, 0])
+        for r, turn in zip(results, ([5, 6], [7, 8, 9]), strict=True):
+            assert list(r.token_ids) == _peft(model_dir, adapters["qv-r8"], system + turn, 4)
+        scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        assert 'lorafleet_prompt_tokens_total{adapter="tenant"} 85.0' in scraped
+        cached = 32 if cache else 0
+        assert f'lorafleet_cached_prompt_tokens_total{{adapter="tenant"}} {cached}.0' in scraped
+        client = redis.Redis.from_url(redis_url)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the next heartbeat carries the totals
+            (entry,) = fleet_status(client, Keys())["workers"]
+            if entry["prompt_tokens"] == 85:
+                break
+            time.sleep(0.2)
+        assert (entry["prompt_tokens"], entry["cached_tokens"]) == (85, cached)
+        console = Console(record=True, width=200, file=io.StringIO())
+        console.print(render(fleet_status(client, Keys())))
+        frame = console.export_text()
+        assert f"prefix hits {100 * cached / 85:.1f}%" in frame
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_the_prefix_cache_is_on_unless_the_worker_variable_turns_it_off():
+    env = {"LORAFLEET_MODEL": "m", "LORAFLEET_ADAPTERS": "a"}
+    assert WorkerConfig.from_env(env=env).prefix_cache is True
+    assert WorkerConfig.from_env(env={**env, "LORAFLEET_NO_PREFIX_CACHE": "1"}).prefix_cache is False
+    assert WorkerConfig.from_env(env={**env, "LORAFLEET_NO_PREFIX_CACHE": "false"}).prefix_cache is True
+    assert WorkerConfig.from_env({"prefix_cache": False}, env=env).prefix_cache is False  # the flag
+    with pytest.raises(ValueError, match="LORAFLEET_NO_PREFIX_CACHE='maybe' is not on/off"):
+        WorkerConfig.from_env(env={**env, "LORAFLEET_NO_PREFIX_CACHE": "maybe"})

@@ -164,3 +164,15 @@ def test_status_shows_queue_names_that_are_not_utf8_or_huge(redis_client):
     assert rows["\\xff\\xfe"]["waiting"] == 1
     assert rows["team-1"]["waiting"] == 1
     assert rows["q" * 200]["waiting"] == 1  # shown cut to 200 characters
+
+
+def test_prefix_cache_hit_rate_per_worker_and_for_the_fleet(redis_client):
+    keys = Keys()
+    publish(redis_client, keys, worker("gpu-a", prompt_tokens=1000, cached_tokens=900), ttl=30)
+    publish(redis_client, keys, worker("gpu-b", prompt_tokens=3000, cached_tokens=300), ttl=30)
+    publish(redis_client, keys, worker("gpu-c"), ttl=30)  # no prompt yet
+    out = as_text(render(fleet_status(redis_client, keys)))
+    assert "prefix hits 30.0%" in out  # 1,200 of 4,000 prompt tokens
+    assert "90.0%" in row(out, "gpu-a")
+    assert "10.0%" in row(out, "gpu-b")
+    assert row(out, "gpu-c")[5] == "-"

@@ -60,6 +60,10 @@ def _register_worker(commands: argparse._SubParsersAction) -> None:
     )
     for flag, kind, text in _WORKER_FLAGS:
         worker.add_argument(f"--{flag}", type=kind, default=None, help=text)
+    worker.add_argument(
+        "--no-prefix-cache", dest="prefix_cache", action="store_const", const=False, default=None,
+        help="prefill every prompt in full: no reuse of cached prefixes (env LORAFLEET_NO_PREFIX_CACHE=1)",
+    )  # fmt: skip
     worker.add_argument("--max-idle", type=float, default=None, help="exit after this many idle seconds")
     worker.set_defaults(func=_run_worker)
 
@@ -72,6 +76,7 @@ def _run_worker(args: argparse.Namespace) -> int:
     overrides = {
         flag.replace("-", "_"): getattr(args, flag.replace("-", "_")) for flag, _, _ in _WORKER_FLAGS
     }
+    overrides["prefix_cache"] = args.prefix_cache
     config = WorkerConfig.from_env(overrides)
     configure_logging(config.log_level)
     return Worker(config).run(max_idle=args.max_idle)

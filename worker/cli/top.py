@@ -32,6 +32,8 @@ def render(status: dict[str, Any], max_queues: int = MAX_QUEUES) -> RenderableTy
 
     A summary line, a table of live workers and a table of the active queues: those with waiting
     or running jobs or an adapter resident somewhere, the longest-waiting first, at most `max_queues`.
+    The prefix-cache hit rate is the share of prompt tokens found in the workers' prefix caches
+    (their prefill skipped) since each worker started.
     """
     workers = sorted(status["workers"], key=lambda w: w["id"])
     queues = status["queues"]
@@ -59,6 +61,8 @@ def _summary(status: dict[str, Any], workers: list[dict[str, Any]], queues: list
         f"   waiting {sum(int(q['waiting']) for q in queues)}",
         "   tokens/s ",
         (f"{tokens:,.1f}", "bold"),
+        "   prefix hits ",
+        (_hit_rate(workers), "bold"),
         "   dead letters ",
         (str(dead), "bold red" if dead else ""),
     )
@@ -73,6 +77,7 @@ def _workers_table(workers: list[dict[str, Any]], now: float) -> RenderableType:
     table.add_column("running", justify="right")
     table.add_column("free", justify="right")
     table.add_column("tokens/s", justify="right")
+    table.add_column("prefix hits", justify="right")
     table.add_column("beat", justify="right")
     table.add_column("resident adapters", overflow="fold")
     table.add_column("state")
@@ -83,12 +88,20 @@ def _workers_table(workers: list[dict[str, Any]], now: float) -> RenderableType:
             str(w["running"]),
             str(w["free_slots"]),
             f"{float(w['tokens_per_s']):,.1f}",
+            _hit_rate([w]),
             f"{max(0.0, now - float(w['heartbeat'])):.0f}s",
             ", ".join(_queue_label(q) for q in w["resident"]) or "-",
             Text("draining", style="yellow") if w["draining"] else Text("serving", style="green"),
             style="dim" if w["draining"] else None,
         )
     return table
+
+
+def _hit_rate(workers: list[dict[str, Any]]) -> str:
+    """Cached prompt tokens / prompt tokens of `workers`, as a percentage; "-" before any prompt."""
+    prompt = sum(int(w.get("prompt_tokens", 0)) for w in workers)
+    cached = sum(int(w.get("cached_tokens", 0)) for w in workers)
+    return f"{100.0 * cached / prompt:.1f}%" if prompt else "-"
 
 
 def _queues_table(queues: list[dict[str, Any]]) -> RenderableType:

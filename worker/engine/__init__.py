@@ -2,7 +2,8 @@
 
 `engine.Engine` is the entry point (add_request, launch/finish a step, pop_output), set up by
 `config.EngineConfig`. Beside it: the model (`model`), the step's batch metadata (`batch`),
-sequences and outputs (`sequence`), sampling, the paged KV cache, CUDA graphs, attention, output
+sequences and outputs (`sequence`), sampling, the paged KV cache (`kv_cache`) and the index of its
+shared prompt prefixes (`prefix_cache`), CUDA graphs, attention, output
 text (`output`: incremental detokenizing, stop strings, the final text), LoRA adapter parsing and
 device slots (`lora`), which adapter holds which slot (`adapter_pool`), and random-weight models
 and adapters in real formats for tests and demos (`synthetic`).

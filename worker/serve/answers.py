@@ -49,7 +49,7 @@ class Answers:
         reply = Result(
             id=job.job.id, text=out.text or "", token_ids=tuple(out.token_ids),
             finish_reason=str(out.finish_reason),
-            usage=Usage(out.prompt_tokens, len(out.token_ids)),
+            usage=Usage(out.prompt_tokens, len(out.token_ids), out.cached_tokens),
             timings=Timings(queue_wait=max(0.0, job.received_at - job.delivery.enqueued_at),
                             adapter_load=job.adapter_load, prefill=max(0.0, first - started),
                             decode=max(0.0, now - first)),
@@ -57,6 +57,9 @@ class Answers:
             adapter_version=job.engine_key.partition("@")[2] or None if job.engine_key else None,
             metadata=job.job.metadata,
         )  # fmt: skip
+        adapter = (job.job.adapter or "").partition("@")[0]
+        self.metrics.prompt_tokens.labels(adapter=adapter).inc(out.prompt_tokens)
+        self.metrics.cached_prompt_tokens.labels(adapter=adapter).inc(out.cached_tokens)
         self.final(job.delivery, job.job, reply)
         return reply
 

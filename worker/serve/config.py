@@ -36,6 +36,7 @@ class WorkerConfig:
     idle_block: float = 0.5  # longest blocking wait on the wake stream (keep below max_wait)
     max_wait: float = 2.0  # starvation bound of the scheduler
     metrics_port: int = 0  # Prometheus endpoint; 0 = off
+    prefix_cache: bool = True  # reuse KV blocks of cached prompt prefixes; LORAFLEET_NO_PREFIX_CACHE=1: off
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -71,6 +72,9 @@ class WorkerConfig:
     ) -> WorkerConfig:
         """Fields from LORAFLEET_* variables, then `overrides` (e.g. command-line flags that were given)."""
         values = env_settings(cls, env)
+        no_prefix_cache = (os.environ if env is None else env).get(f"{ENV_PREFIX}NO_PREFIX_CACHE", "")
+        if no_prefix_cache:
+            values["prefix_cache"] = not _switch(f"{ENV_PREFIX}NO_PREFIX_CACHE", no_prefix_cache)
         values.update({k: v for k, v in (overrides or {}).items() if v is not None})
         for required in ("model", "adapters"):
             if required not in values:
@@ -85,3 +89,13 @@ class WorkerConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         return getattr(torch, self.dtype)
+
+
+def _switch(variable: str, raw: str) -> bool:
+    """An on/off variable: 1/true/yes/on or 0/false/no/off (any case); ValueError naming it otherwise."""
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{variable}={raw!r} is not on/off (1, true, yes, on / 0, false, no, off)")

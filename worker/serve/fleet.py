@@ -32,6 +32,8 @@ class WorkerEntry:
     resident: list[str] = field(default_factory=list)  # queue names
     tokens_per_s: float = 0.0
     draining: bool = False
+    prompt_tokens: int = 0  # admitted since the worker started
+    cached_tokens: int = 0  # of those, found in its prefix cache
 
     def to_hash(self) -> dict[str, str]:
         return {
@@ -40,6 +42,7 @@ class WorkerEntry:
             "free_slots": str(self.free_slots), "running": str(self.running),
             "resident": json.dumps(self.resident), "tokens_per_s": f"{self.tokens_per_s:.1f}",
             "draining": "1" if self.draining else "0",
+            "prompt_tokens": str(self.prompt_tokens), "cached_tokens": str(self.cached_tokens),
         }  # fmt: skip
 
     @classmethod
@@ -51,7 +54,18 @@ class WorkerEntry:
             free_slots=int(h.get("free_slots", 0)), running=int(h.get("running", 0)),
             resident=json.loads(h.get("resident", "[]")), tokens_per_s=float(h.get("tokens_per_s", 0)),
             draining=h.get("draining") == "1",
+            prompt_tokens=int(h.get("prompt_tokens", 0)), cached_tokens=int(h.get("cached_tokens", 0)),
         )  # fmt: skip
+
+
+def prefix_totals(engine: Any) -> dict[str, int]:
+    """The prompt tokens an engine admitted and those it found in its prefix cache (0 and 0 for an
+    engine without one), as WorkerEntry fields."""
+    stats = getattr(engine, "prefix_stats", None) or {}
+    return {
+        "prompt_tokens": int(stats.get("prompt_tokens", 0)),
+        "cached_tokens": int(stats.get("cached_tokens", 0)),
+    }
 
 
 def publish(r: redis.Redis, keys: Keys, entry: WorkerEntry, ttl: float) -> None:

@@ -1,5 +1,6 @@
 """Prometheus metrics of a worker: queue wait, time to first token, step time, batch size, adapter
-loads, hits, evictions and residency, redeliveries, dead letters, errors by code."""
+loads, hits, evictions and residency, prompt tokens and prefix-cache hits, redeliveries, dead letters,
+errors by code."""
 
 from __future__ import annotations
 
@@ -36,6 +37,16 @@ class Metrics:
         )
         self.jobs = Counter("lorafleet_jobs", "jobs answered with a result", ["adapter"], registry=r)
         self.tokens = Counter("lorafleet_tokens", "tokens generated", registry=r)
+        # Their ratio is the prefix-cache hit rate of each adapter (version-less name).
+        self.prompt_tokens = Counter(
+            "lorafleet_prompt_tokens", "prompt tokens of finished jobs", ["adapter"], registry=r
+        )
+        self.cached_prompt_tokens = Counter(
+            "lorafleet_cached_prompt_tokens",
+            "prompt tokens of finished jobs found in the prefix cache (prefill skipped)",
+            ["adapter"],
+            registry=r,
+        )
         self.errors = Counter("lorafleet_errors", "jobs answered with an error", ["code"], registry=r)
         self.adapter_loads = Counter(
             "lorafleet_adapter_loads", "adapters read from the store", ["adapter"], registry=r

@@ -79,7 +79,7 @@ class Worker:
             fetch_model(config.model, settings), max_loras=config.max_loras, max_rank=config.max_rank,
             device=config.device,
             dtype=config.torch_dtype, max_batch=config.max_batch,
-            kv_cache_tokens=config.kv_cache_tokens or None,
+            kv_cache_tokens=config.kv_cache_tokens or None, prefix_cache=config.prefix_cache,
         )  # fmt: skip
         self.log = log.bind(worker=config.name)
         self.metrics = Metrics(config.metrics_port)
@@ -427,7 +427,7 @@ class Worker:
             free_slots=self.intake.free_slots(),
             resident=[queue_name(a) for a in resident],
             tokens_per_s=tokens_per_s,
-            draining=self.draining,
+            draining=self.draining, **fleet.prefix_totals(self.engine),
         )  # fmt: skip
         fleet.publish(self.redis, self.keys, entry, self.config.heartbeat_ttl)
         self._published = self._directory_facts()
