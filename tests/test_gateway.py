@@ -128,7 +128,8 @@ def test_streamed_text_equals_the_whole_response_and_names_the_adapter_version(c
     assert whole.choices[0].finish_reason in ("stop", "length")
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
     assert chunks[-1].choices == []
-    assert chunks[-1].usage == whole.usage
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")  # (cached tokens may differ)
+    assert [getattr(chunks[-1].usage, c) for c in counts] == [getattr(whole.usage, c) for c in counts]
     assert whole.usage.completion_tokens >= 1
     assert whole.usage.prompt_tokens > 3
     name, _, version = whole.model.partition("@")  # the version that served it
