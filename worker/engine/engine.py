@@ -9,6 +9,12 @@ waiting requests into free sequence slots (loading their adapter into a device s
 runs one forward over every running sequence (prefill of the new ones, one decode token for the
 rest) and returns what each produced; `abort` ends a request at the next step boundary.
 
+Prefix caching (`EngineConfig.prefix_cache`, on by default): a request whose prompt starts with full
+KV blocks already computed for the same model, adapter registration and tokens (an earlier or running
+request's system prompt, few-shot examples, chat history) shares those blocks and prefills only the
+rest; its last prompt token is always computed. `GenerationOutput.cached_tokens` says how many prompt
+tokens were found, `Engine.prefix_stats` totals them. See kv_cache.py and prefix_cache.py.
+
 `step` is `launch` then `finish`. On a GPU, `launch` returns once the step's forward and sampling
 are queued on the device; the worker does its own host work (reading Redis, cancels, claims) before
 `finish` waits for the sampled tokens, so that work overlaps the GPU's instead of adding to it.
@@ -313,6 +319,7 @@ class Engine:
             return None
         seq.lora_slot, seq.reserved_blocks = slot, owed
         seq.num_cached = seq.prefix_hit = match.cached_tokens
+        seq.indexed = len(match.shared)  # indexed already
         self.prefix_stats["prompt_tokens"] += prompt
         self.prefix_stats["cached_tokens"] += match.cached_tokens
         self._running.append(seq)
@@ -323,9 +330,11 @@ class Engine:
         if not self.config.prefix_cache:
             return PrefixMatch.none()
         name = seq.request.adapter
-        seq.cache_root = root_key(self.model_key, None if name is None else self.pool.version_key(name))
+        root = root_key(self.model_key, None if name is None else self.pool.version_key(name))
+        if root != seq.cache_root:  # first try, or its adapter was replaced while it waited
+            seq.cache_root = root
+            seq.block_keys.clear()
         prompt = seq.request.prompt_ids
-        seq.block_keys.clear()
         extend_keys(
             seq.block_keys, seq.cache_root, prompt, self.kv.block_size, len(prompt) // self.kv.block_size
         )
