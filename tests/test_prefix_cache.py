@@ -298,6 +298,36 @@ def test_seeded_sampling_is_the_same_with_and_without_the_cache(models):
     assert hit.token_ids == plain.token_ids
 
 
+def test_stop_strings_and_streamed_text_are_the_same_with_a_prefix_hit(models):
+    """A request that finds its prompt's prefix cached stops at the same stop string, with the same
+    streamed text, as without the cache."""
+    model_dir, adapters, _ = models["llama"]
+    prompt = _tokens(26, seed=12)
+
+    def run(prefix_cache):
+        engine = _engine(model_dir, adapters, prefix_cache=prefix_cache)
+        free = GenerationRequest(prompt_ids=prompt, adapter="all-r4", max_new_tokens=12, ignore_eos=True)
+        text = engine.generate([free])[0].text
+        # two characters past its first third (bytes of random tokens may decode to replacement marks)
+        stop = next(
+            text[i : i + 2] for i in range(len(text) // 3, len(text)) if "\ufffd" not in text[i : i + 2]
+        )
+        request = GenerationRequest(prompt_ids=prompt, adapter="all-r4", max_new_tokens=12, stop=[stop],
+                                    ignore_eos=True, stream_text=True, request_id="s")  # fmt: skip
+        engine.add_request(request)
+        streamed = []
+        while engine.has_unfinished():
+            streamed += [o.text for o in engine.step()]
+        out = engine.pop_output("s")
+        return out.cached_tokens, out.finish_reason, out.text, "".join(streamed), stop
+
+    hit, reason, text, streamed, stop = run(prefix_cache=True)
+    assert hit == 24
+    assert (reason, streamed) == ("stop_string", text)
+    assert stop not in text
+    assert run(prefix_cache=False)[1:] == (reason, text, streamed, stop)
+
+
 @pytest.mark.slow
 def test_prefix_hits_under_the_triton_kernels_give_the_reference_results(models, monkeypatch):
     """Prefill of only the uncached suffix, attending over shared blocks, with the Triton paged
