@@ -54,7 +54,7 @@ class KVCacheInfo:
 
 
 class KVCache:
-    """K and V tensors of every layer, plus the free-block list."""
+    """K and V tensors of every layer, and which blocks are free, held (by how many sequences) or cached."""
 
     def __init__(
         self,
