@@ -277,13 +277,19 @@ class Fleet:
 
 
 class Monitor:
-    """Samples the machine's CPU use (/proc/stat) and load average once a second, and the CPU time of
+    """Samples the machine's CPU use (/proc/stat), load average and pressure stall times
+    (/proc/pressure: how long tasks waited for CPU, IO or memory) once a second, and the CPU time of
     the run's processes (/proc/PID/stat): Linux; elsewhere only the load average."""
+
+    PRESSURE = ("cpu", "io", "memory")
 
     def __init__(self, pids: dict[str, int]):
         self.pids = pids
         self.cpu: list[float] = []
         self.loadavg: list[float] = []
+        self.pressure0 = self._pressure()
+        self._pressure_last = self.pressure0
+        self.io_full_max = 0.0  # the most seconds in one sampling second that every task waited on IO
         self._stop = threading.Event()
         self._cpu0 = {name: self._process_cpu(pid) for name, pid in pids.items()}
         self._last = self._machine_ticks()
@@ -309,7 +315,27 @@ class Monitor:
         except (OSError, ValueError, IndexError):
             return float("nan")
 
+    @classmethod
+    def _pressure(cls) -> dict[str, float]:
+        """Seconds so far that some / all non-idle tasks stalled on each resource (PSI totals)."""
+        out = {}
+        for resource in cls.PRESSURE:
+            try:
+                lines = Path(f"/proc/pressure/{resource}").read_text().splitlines()
+            except OSError:
+                continue
+            for line in lines:
+                kind, *fields = line.split()
+                total = dict(f.split("=") for f in fields).get("total")
+                if total is not None:
+                    out[f"{resource}_{kind}"] = int(total) / 1e6
+        return out
+
     def _sample(self) -> None:
+        pressure = self._pressure()
+        if "io_full" in pressure and "io_full" in self._pressure_last:
+            self.io_full_max = max(self.io_full_max, pressure["io_full"] - self._pressure_last["io_full"])
+        self._pressure_last = pressure
         now = self._machine_ticks()
         if now is not None and self._last is not None and now[1] > self._last[1]:
             self.cpu.append(100.0 * (now[0] - self._last[0]) / (now[1] - self._last[1]))
@@ -330,6 +356,9 @@ class Monitor:
             "machine_cpu_pct_mean": float(np.mean(self.cpu)) if self.cpu else None,
             "machine_cpu_pct_max": float(np.max(self.cpu)) if self.cpu else None,
             "loadavg_1m_max": float(np.max(self.loadavg)),
+            # seconds tasks stalled over the run ("some": at least one task, "full": all of them)
+            "pressure_s": {k: round(v - self.pressure0.get(k, 0.0), 3) for k, v in self._pressure().items()},
+            "io_full_max_per_s": round(self.io_full_max, 3),
             "cpus": os.cpu_count(),
             # each process's CPU use over the run, % of one core
             "process_cpu_pct": {name: round(100 * u / span, 1) for name, u in used.items()},
@@ -337,6 +366,11 @@ class Monitor:
 
 
 # ----- the real run -----
+
+
+def _command_text(command: Any) -> str:
+    text = command.decode(errors="replace") if isinstance(command, bytes) else str(command)
+    return text[:80]
 
 
 def commandstats(client: Any) -> dict[str, tuple[int, int]]:
@@ -446,6 +480,8 @@ def run_real(
         idle_per_s = sum(c for c, _ in idle.values()) / 2.0
         cpu0 = client.info("cpu")
         client.config_resetstat()
+        client.config_set("slowlog-log-slower-than", 10_000)  # commands of 10 ms or more
+        client.slowlog_reset()
         pids = {spec["name"]: pid for spec, pid in zip(fleet.specs, fleet.pids(), strict=True)}
         monitor = Monitor({**pids, "redis": server.pid or 0, "bench": os.getpid()})
         with Producer(
@@ -453,6 +489,9 @@ def run_real(
         ) as producer:
             out = replay(producer, trace, names, f"s{slots}-a{adapters}", args.timeout)
         stats = commandstats(client)
+        slowlog = [
+            (round(e["duration"] / 1e3, 1), _command_text(e["command"])) for e in client.slowlog_get(5)
+        ]
         cpu1 = client.info("cpu")
         machine = monitor.stop(out["end"])
         workers = fleet.stop()
@@ -463,8 +502,9 @@ def run_real(
         client.close()
         server.stop()
     out.update(
-        names=names, commandstats=stats, idle_commands_per_s=idle_per_s, workers=workers, machine=machine,
-        warnings=warnings, turn_failed=failed_turns, startup_s=startup, wall_s=time.perf_counter() - started,
+        names=names, commandstats=stats, slowlog=slowlog, idle_commands_per_s=idle_per_s, workers=workers,
+        machine=machine, warnings=warnings, turn_failed=failed_turns, startup_s=startup,
+        wall_s=time.perf_counter() - started,
         redis_cpu_s=sum(float(cpu1[k]) - float(cpu0[k]) for k in ("used_cpu_sys", "used_cpu_user")),
     )  # fmt: skip
     return out
@@ -561,6 +601,7 @@ def real_metrics(out: dict[str, Any], trace: Trace, step_s: float, warmup: float
         redis_commands_per_job=calls / max(len(answered), 1),
         redis_usec_per_job=usec / max(len(answered), 1),
         redis_cpu_s=out["redis_cpu_s"], idle_commands_per_s=out["idle_commands_per_s"],
+        redis_slowlog_ms=out["slowlog"],
         mean_batch=sum(w.get("seq_steps", 0) for w in out["workers"]) / max(steps, 1),
         device_busy=sum(w.get("device_busy_s", 0.0) for w in out["workers"]) / (span * len(out["workers"])),
         loads_total=int(loads.size),
@@ -656,6 +697,18 @@ def report(side: str, real: dict[str, Any], top: list[tuple[str, float]]) -> Non
         f"  redis: {real['redis_commands_per_job']:.1f} commands/job ({real['redis_usec_per_job']:.0f} us), "
         f"idle fleet {real['idle_commands_per_s']:.0f}/s; top per job: "
         + ", ".join(f"{c} {n:g}" for c, n in top)
+    )
+    if real["redis_slowlog_ms"]:
+        print(
+            "  redis commands of 10 ms or more: "
+            + "; ".join(f"{ms} ms {c}" for ms, c in real["redis_slowlog_ms"])
+        )
+    pressure = real.get("pressure_s", {})
+    io_max = real.get("io_full_max_per_s", 0)
+    print(
+        f"  machine stalls (s): CPU {pressure.get('cpu_some', 0):.1f} some, "
+        f"IO {pressure.get('io_some', 0):.2f} some / {pressure.get('io_full', 0):.2f} full "
+        f"(max {io_max:.2f} in a second), memory {pressure.get('memory_some', 0):.2f} some"
     )
     procs = real["process_cpu_pct"]
     workers = sum(v for k, v in procs.items() if k not in ("redis", "bench"))
