@@ -23,6 +23,7 @@ and adapter of each device load, steps, CPU time) to `spec["stats"]`.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
@@ -140,6 +141,24 @@ def time_phases(worker: Worker, phases: dict[str, float]) -> None:
         setattr(owner, name, timed)
 
 
+def watch_gc() -> dict[str, float]:
+    """Time the interpreter's garbage collections: per generation, how many and the longest (ms)."""
+    seen: dict[str, float] = {}
+    started = [0.0]
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+            return
+        ms = 1e3 * (time.perf_counter() - started[0])
+        gen = info["generation"]
+        seen[f"gen{gen}_count"] = seen.get(f"gen{gen}_count", 0) + 1
+        seen[f"gen{gen}_max_ms"] = max(seen.get(f"gen{gen}_max_ms", 0.0), round(ms, 2))
+
+    gc.callbacks.append(callback)
+    return seen
+
+
 def worker_main(spec: dict[str, Any]) -> None:
     """One worker process of the benchmark (see module doc); `spec` as bench_fleet.worker_spec makes it."""
     log = open(spec["log"], "ab", buffering=0)  # noqa: SIM115 - the process's stderr from here on
@@ -158,6 +177,7 @@ def worker_main(spec: dict[str, Any]) -> None:
         log_level=spec.get("log_level", "info"),
     )  # fmt: skip
     worker = Worker(config, engine=engine)
+    collections = watch_gc()
     scheduler = worker.intake.scheduler  # (prefetching is a scheduler setting, not a worker flag)
     scheduler.config = replace(scheduler.config, max_prefetch=spec.get("max_prefetch", 2))
     turns = {"turns": 0, "turns_with_parked": 0, "turns_idle": 0}
@@ -190,6 +210,7 @@ def worker_main(spec: dict[str, Any]) -> None:
         "device_busy_s": engine.device_busy,
         "stalls": engine.stalls,
         "stall_phases": engine.stall_phases,
+        "gc": collections,
         **turns,
         "adapter_manager": dict(worker.adapters.stats),
         "cpu_s": usage.ru_utime + usage.ru_stime,
