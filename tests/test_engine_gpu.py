@@ -92,3 +92,41 @@ def test_lora_pairs_with_programmatic_dependent_launch_give_the_same_tokens(mode
     assert sum(n for (_, lora), n in engine.graphs.replays.items() if lora) > 0
     assert eager == plain
     assert graphed == plain
+
+
+def _shared_prefix_requests():
+    system = [(7 * j) % 2000 + 3 for j in range(70)]  # 4 full KV blocks of 16 and a part
+    names = (None, "a0", "a1", "a2")
+    return [
+        GenerationRequest(
+            prompt_ids=[*system, 100 + i, 200 + i], adapter=names[i % 4], max_new_tokens=12, ignore_eos=True
+        )
+        for i in range(8)
+    ]
+
+
+def _twice(model_dir, adapters, device, prefix_cache):
+    """The shared-prefix requests run twice on one engine (the second time from its prefix cache)."""
+    engine = Engine.from_pretrained(
+        model_dir, max_loras=4, max_rank=16, device=device, dtype=torch.float32, kv_cache_tokens=4096,
+        prefix_cache=prefix_cache,
+    )  # fmt: skip
+    for name, path in adapters.items():
+        engine.add_adapter(name, path)
+    runs = [[o.token_ids for o in engine.generate(_shared_prefix_requests())] for _ in range(2)]
+    return runs, engine
+
+
+def test_prefix_cache_hits_under_cuda_graphs_give_the_tokens_of_an_engine_without_it(model_and_adapters):
+    """Prompts sharing 70 tokens over the base model and three adapters, run twice: with the prefix
+    cache (the second run reads the shared blocks, decode steps replay CUDA graphs over them) the
+    tokens are those of the same engine without the cache, and of the CPU path."""
+    model_dir, adapters = model_and_adapters
+    (cpu, _), _ = _twice(model_dir, adapters, "cpu", prefix_cache=False)
+    without, _ = _twice(model_dir, adapters, "cuda", prefix_cache=False)
+    cached, engine = _twice(model_dir, adapters, "cuda", prefix_cache=True)
+    assert engine.graphs is not None
+    assert engine.graphs.captured
+    assert engine.prefix_stats["cached_tokens"] > 0
+    assert cached == without
+    assert cached[0] == cached[1] == cpu
