@@ -15,7 +15,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -65,6 +65,21 @@ async def until_disconnect(receive: Receive) -> None:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
+
+
+@contextlib.contextmanager
+def job_errors() -> Iterator[None]:
+    """What waiting for a job's replies raises, as the API errors clients act on: its failure (by
+    its code), its deadline passed (504), Redis gone (503)."""
+    try:
+        yield
+    except JobFailed as exc:
+        raise from_job_failure(exc) from None
+    except TimeoutError:
+        raise APIError(504, "the job did not finish before its deadline", kind=TIMEOUT,
+                       code="deadline_exceeded") from None  # fmt: skip
+    except redis.RedisError as exc:
+        raise redis_down(exc) from None
 
 
 async def race(work: Awaitable[T], receive: Receive) -> T:
@@ -187,17 +202,11 @@ class Completions:
     async def _wait(self, handle: AsyncJobHandle, receive: Receive, work: Callable[[], Awaitable[T]]) -> T:
         """Wait for `work` (a reply of `handle`); cancels the job when the client goes away."""
         try:
-            return await race(work(), receive)
+            with job_errors():
+                return await race(work(), receive)
         except ClientGone:
             await self._cancel(handle)
             raise
-        except JobFailed as exc:
-            raise from_job_failure(exc) from None
-        except TimeoutError:
-            raise APIError(504, "the job did not finish before its deadline", kind=TIMEOUT,
-                           code="deadline_exceeded") from None  # fmt: skip
-        except redis.RedisError as exc:
-            raise redis_down(exc) from None
 
     async def _cancel(self, handle: AsyncJobHandle) -> None:
         self.metrics.cancelled.inc()
@@ -266,15 +275,8 @@ class Completions:
             self.metrics.observe(endpoint, adapter_label(choice.adapter), tenant.name, status, seconds)
 
     async def _next(self, replies: AsyncIterator[Chunk | Result]) -> Chunk | Result:
-        try:
+        with job_errors():
             return await anext(replies)
-        except JobFailed as exc:
-            raise from_job_failure(exc) from None
-        except TimeoutError:
-            raise APIError(504, "the job did not finish before its deadline", kind=TIMEOUT,
-                           code="deadline_exceeded") from None  # fmt: skip
-        except redis.RedisError as exc:
-            raise redis_down(exc) from None
 
 
 def _event(payload: dict[str, Any]) -> dict[str, str]:

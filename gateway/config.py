@@ -6,7 +6,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from lorafleet.producer.config import DEFAULT_REDIS_URL, ProducerConfig, env_settings
+from lorafleet.producer.config import (
+    DEFAULT_REDIS_URL,
+    ProducerConfig,
+    check_int,
+    check_positive,
+    env_settings,
+)
 from lorafleet.producer.keys import DEFAULT_NAMESPACE, check_namespace
 
 MODEL_CHECKS = ("registry", "any")
@@ -57,17 +63,17 @@ class GatewayConfig:
         check_namespace(self.namespace)
         if not isinstance(self.host, str) or not self.host:
             raise ValueError(f"host must be a host name or address, got {self.host!r}")
-        _check_int("port", self.port, 0, 65535)
+        check_int("port", self.port, 0, 65535)
         if not isinstance(self.base_model, str) or not 1 <= len(self.base_model) <= 128:
             raise ValueError(f"base_model must be a name of 1..128 characters, got {self.base_model!r}")
         if self.models not in MODEL_CHECKS:
             raise ValueError(f"models must be one of {', '.join(MODEL_CHECKS)}, got {self.models!r}")
-        _check_int("max_body_bytes", self.max_body_bytes, 1024)
-        _check_int("max_depth", self.max_depth, 2, 1000)
-        _check_positive("request_timeout", self.request_timeout)
-        _check_positive("registry_ttl", self.registry_ttl)
-        _check_int("usage_ttl", self.usage_ttl, 3600)
-        _check_int("max_adapter_labels", self.max_adapter_labels, 1)
+        check_int("max_body_bytes", self.max_body_bytes, 1024)
+        check_int("max_depth", self.max_depth, 2, 1000)
+        check_positive("request_timeout", self.request_timeout)
+        check_positive("registry_ttl", self.registry_ttl)
+        check_int("usage_ttl", self.usage_ttl, 3600)
+        check_int("max_adapter_labels", self.max_adapter_labels, 1)
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
 
@@ -94,14 +100,3 @@ class GatewayConfig:
     def with_settings(self, **settings: Any) -> GatewayConfig:
         """A copy with some fields replaced."""
         return replace(self, **settings)
-
-
-def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
-        bound = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
-
-
-def _check_positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
-        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")

@@ -58,13 +58,13 @@ class ProducerConfig:
         check_namespace(self.namespace)
         if self.client_id is not None:
             check_client_id(self.client_id)
-        _check_int("max_waiting_per_adapter", self.max_waiting_per_adapter, 0)
-        _check_int("reply_ttl", self.reply_ttl, 1, MAX_REPLY_TTL)
-        _check_int("dedup_ttl", self.dedup_ttl, 1)
-        _check_int("cancel_ttl", self.cancel_ttl, 1)
-        _check_positive("socket_timeout", self.socket_timeout)
-        _check_positive("max_block", self.max_block)
-        _check_int("wake_maxlen", self.wake_maxlen, 1)
+        check_int("max_waiting_per_adapter", self.max_waiting_per_adapter, 0)
+        check_int("reply_ttl", self.reply_ttl, 1, MAX_REPLY_TTL)
+        check_int("dedup_ttl", self.dedup_ttl, 1)
+        check_int("cancel_ttl", self.cancel_ttl, 1)
+        check_positive("socket_timeout", self.socket_timeout)
+        check_positive("max_block", self.max_block)
+        check_int("wake_maxlen", self.wake_maxlen, 1)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ProducerConfig:
@@ -90,13 +90,15 @@ class ProducerConfig:
         return replace(self, **settings) if settings else self
 
 
-def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
+def check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
+    """Raise ValueError naming `name` unless `value` is an integer (not a bool) in lo..hi."""
     if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
         bound = f"{lo}..{hi}" if hi is not None else f">= {lo}"
         raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
 
 
-def _check_positive(name: str, value: Any) -> None:
+def check_positive(name: str, value: Any) -> None:
+    """Raise ValueError naming `name` unless `value` is a finite number of seconds above 0."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
         raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
 
