@@ -17,11 +17,13 @@ demo: $(BIN)/python
 	$(BIN)/python -m pip install -q -e ".[worker]" --config-settings editable_mode=strict
 	$(BIN)/lorafleet demo
 
+# -P: the current directory stays off sys.path. Here it is the checkout, whose kernels/ folder would
+# stand in for Hugging Face's `kernels` package, which transformers imports when it is installed.
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -P -m pytest
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -P -m pytest -m "not slow"
 
 lint: install
 	$(BIN)/ruff check $(SRC)

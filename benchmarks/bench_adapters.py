@@ -104,7 +104,7 @@ def sync(device: torch.device) -> None:
 def moto_process(port: int) -> subprocess.Popen:
     """moto's S3 server in its own process (like a MinIO next to the worker), ready to serve."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, "-P", "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -53,7 +53,7 @@ def free_port() -> int:
 def start_gateway(url: str, port: int) -> subprocess.Popen[bytes]:
     """`lorafleet gateway` on `port`, open (no keys), every adapter id accepted (no registry)."""
     command = [
-        sys.executable, "-m", "lorafleet.producer.cli", "gateway", "--redis-url", url,
+        sys.executable, "-P", "-m", "lorafleet.producer.cli", "gateway", "--redis-url", url,
         "--namespace", NAMESPACE, "--port", str(port), "--models", "any", "--log-level", "warning",
     ]  # fmt: skip
     return subprocess.Popen(command, stderr=subprocess.DEVNULL)

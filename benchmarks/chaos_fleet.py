@@ -116,7 +116,7 @@ class Fleet:
     def start(self, name: str, *extra: str) -> WorkerProcess:
         """Start a worker named `name` (flags after WORKER_FLAGS in `extra` win)."""
         args = [
-            sys.executable, "-m", "lorafleet.producer.cli", "worker", "--redis-url", self.redis_url,
+            sys.executable, "-P", "-m", "lorafleet.producer.cli", "worker", "--redis-url", self.redis_url,
             "--model", str(self.assets.model), "--adapters", self.adapters, "--name", name,
             "--namespace", NAMESPACE, *WORKER_FLAGS, *extra,
         ]  # fmt: skip

@@ -298,8 +298,8 @@ def test_lorafleet_control_process_validates_pushes(redis_client, redis_url, mod
     assert "validating" in capsys.readouterr().out
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "lorafleet.producer.cli", "control", "--burst", "--model", str(model_dir),
-             "--max-rank", "16"],
+            [sys.executable, "-P", "-m", "lorafleet.producer.cli", "control", "--burst",
+             "--model", str(model_dir), "--max-rank", "16"],
             env=os.environ.copy(), capture_output=True, text=True, timeout=120,
         )  # fmt: skip
     finally:

@@ -58,7 +58,7 @@ class Fleet:
         self.store = backend.open()
         self.registry = Registry(redis_client, Keys())
         args = [
-            sys.executable, "-m", "lorafleet.producer.cli", "worker", "--redis-url", redis_url,
+            sys.executable, "-P", "-m", "lorafleet.producer.cli", "worker", "--redis-url", redis_url,
             "--model", str(model_dir), "--adapters", backend.uri, "--name", "w1", "--max-loras", "2",
             "--max-batch", "4", "--kv-cache-tokens", "2048", "--drain-timeout", "5",
         ]  # fmt: skip

@@ -98,7 +98,7 @@ def test_unreachable_redis(capsys):
 
 def test_installed_command_reads_the_prompt_from_stdin(redis_url, worker):
     script = Path(sys.executable).parent / "lorafleet"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "lorafleet.producer.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-P", "-m", "lorafleet.producer.cli"]
     done = subprocess.run(
         [*command, "submit", "--redis-url", redis_url, "-a", "bot", "-"],
         input="from stdin",

@@ -24,7 +24,16 @@ JOBS, ADAPTERS = 24, 4
 
 
 def demo_command(*extra: str) -> list[str]:
-    return [sys.executable, "-m", "lorafleet.producer.cli", "demo", "--adapters-count", str(ADAPTERS), *extra]
+    return [
+        sys.executable,
+        "-P",
+        "-m",
+        "lorafleet.producer.cli",
+        "demo",
+        "--adapters-count",
+        str(ADAPTERS),
+        *extra,
+    ]
 
 
 def demo_env(tmp_path: Path, **extra: str) -> dict[str, str]:

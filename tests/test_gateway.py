@@ -46,6 +46,7 @@ def worker(url, tmp_path_factory):
         )
     args = [
         sys.executable,
+        "-P",
         "-m",
         "lorafleet.producer.cli",
         "worker",
@@ -411,7 +412,7 @@ def test_the_producer_command_line_does_not_load_the_web_stack():
         "import sys, lorafleet.producer.cli as c; c.build_parser(); "
         "print(sorted(m for m in ('starlette', 'fastapi', 'uvicorn', 'sse_starlette') if m in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
@@ -421,7 +422,7 @@ def test_gateway_command_serves_and_warns_when_open(url):
     port = free_port()
     env = {**os.environ, "LORAFLEET_REDIS_URL": url, "LORAFLEET_PORT": str(port)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lorafleet.producer.cli", "gateway", "--log-level", "warning"],
+        [sys.executable, "-P", "-m", "lorafleet.producer.cli", "gateway", "--log-level", "warning"],
         env=env,
         stderr=subprocess.PIPE,
         text=True,

@@ -445,7 +445,7 @@ def _run_python(code: str, env_extra: dict[str, str]) -> subprocess.CompletedPro
 
     env = {**os.environ, **env_extra}
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
+        [sys.executable, "-P", "-c", textwrap.dedent(code)],
         capture_output=True,
         text=True,
         env=env,

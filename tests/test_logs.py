@@ -19,7 +19,7 @@ structlog.get_logger("lorafleet.worker").info("job finished", job="j1")
 
 
 def test_stdlib_and_structlog_lines_are_json_at_the_chosen_level():
-    out = subprocess.run([sys.executable, "-c", PROGRAM], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-P", "-c", PROGRAM], capture_output=True, text=True, check=True)
     lines = [json.loads(line) for line in out.stderr.splitlines()]  # every line parses
     assert [(e["event"], e["level"]) for e in lines] == [
         ("fetched model.safetensors", "info"),

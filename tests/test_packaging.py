@@ -56,13 +56,16 @@ def test_base_install_is_the_producer_client_only():
 
 def test_importing_the_producer_does_not_import_torch():
     code = "import sys, lorafleet.producer, lorafleet.producer.cli; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
 def test_command_line_lists_its_commands():
     out = subprocess.run(
-        [sys.executable, "-m", "lorafleet.producer.cli", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-P", "-m", "lorafleet.producer.cli", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "demo" in out.stdout
 
@@ -110,3 +113,19 @@ def test_worker_layers_import_only_downwards():
         for source in (ROOT / "worker" / package).glob("*.py"):
             bad = sorted(n for n in _imports(source) if n.startswith(banned))
             assert not bad, f"worker/{package}/{source.name} imports {bad}"
+
+
+def test_processes_started_in_the_checkout_do_not_take_its_kernels_folder_for_hugging_faces():
+    """transformers imports Hugging Face's `kernels` package when it is installed (transformers 5.25
+    requires it). A Python process started in this checkout with the current directory on sys.path
+    (`python -m`, `-c`) finds the checkout's kernels/ folder first and transformers fails to import;
+    the project starts its processes with -P (and `make test` runs pytest so): never that folder."""
+    code = "import importlib.util as u; s = u.find_spec('kernels'); print(s.origin if s else 'absent')"
+    safe = subprocess.run(
+        [sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert not safe.stdout.strip().startswith(str(ROOT / "kernels"))
+    unsafe = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert unsafe.stdout.strip().startswith(str(ROOT / "kernels"))  # what -P is for

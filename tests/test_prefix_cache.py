@@ -355,7 +355,7 @@ def _free_port():
 
 def _start_worker(model_dir, adapters_dir, redis_url, name, *extra):
     args = [
-        sys.executable, "-m", "lorafleet.producer.cli", "worker", "--redis-url", redis_url,
+        sys.executable, "-P", "-m", "lorafleet.producer.cli", "worker", "--redis-url", redis_url,
         "--model", str(model_dir), "--adapters", str(adapters_dir), "--name", name, "--max-loras", "2",
         "--kv-cache-tokens", "2048", *extra,
     ]  # fmt: skip

@@ -19,7 +19,7 @@ from lorafleet.worker.serve.fleet import WorkerEntry, fleet_status, publish
 def lorafleet(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "COLUMNS": "200"}  # wide enough that rich wraps no cell
     return subprocess.run(
-        [sys.executable, "-m", "lorafleet.producer.cli", *args],
+        [sys.executable, "-P", "-m", "lorafleet.producer.cli", *args],
         capture_output=True,
         text=True,
         env=env,

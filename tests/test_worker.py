@@ -42,7 +42,7 @@ def store(tmp_path_factory):
 def start_worker(store, redis_url, name, *extra, stderr=None):
     model, adapters = store
     args = [
-        sys.executable, "-m", "lorafleet.producer.cli", "worker", "--redis-url", redis_url,
+        sys.executable, "-P", "-m", "lorafleet.producer.cli", "worker", "--redis-url", redis_url,
         "--model", str(model),
         "--adapters", str(adapters), "--name", name, "--max-loras", "2", "--max-batch", "6",
         "--kv-cache-tokens", "4096", "--visibility-timeout", "2", "--drain-timeout", "20", *extra,
@@ -241,14 +241,15 @@ def test_status_shows_the_fleet_and_metrics_are_served(store, redis_url, workers
         result = producer.submit(prompt_ids=[5, 6], adapter="team-2", max_new_tokens=3).result(timeout=120)
     time.sleep(1.5)  # one heartbeat after the job
     out = subprocess.run(
-        [sys.executable, "-m", "lorafleet.producer.cli", "status", "--redis-url", redis_url],
+        [sys.executable, "-P", "-m", "lorafleet.producer.cli", "status", "--redis-url", redis_url],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert "observed" in out.stdout
     assert "team-2" in out.stdout
     status = json.loads(
         subprocess.run(
-            [sys.executable, "-m", "lorafleet.producer.cli", "status", "--redis-url", redis_url, "--json"],
+            [sys.executable, "-P", "-m", "lorafleet.producer.cli", "status", "--redis-url", redis_url,
+             "--json"],
             capture_output=True, text=True, check=True,
         ).stdout
     )  # fmt: skip

@@ -99,8 +99,10 @@ def start_workers(run: DemoRun, stack: contextlib.ExitStack) -> float:
 
 def _spawn_worker(run: DemoRun, name: str) -> WorkerProcess:
     config, port = run.config, free_port()
+    # -P: the current directory stays off the worker's sys.path (run from a lorafleet checkout, its
+    # kernels/ folder would stand in for Hugging Face's `kernels` package, which transformers imports).
     args = [
-        sys.executable, "-m", "lorafleet.producer.cli", "worker",
+        sys.executable, "-P", "-m", "lorafleet.producer.cli", "worker",
         "--redis-url", run.redis_url, "--namespace", run.keys.namespace, "--name", name,
         "--model", str(run.model_dir), "--adapters", run.adapter_store, "--device", run.device,
         "--max-batch", str(config.max_batch), "--metrics-port", str(port),
