@@ -801,9 +801,13 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter()
     assets = write_assets(args.assets, max(args.adapters))
     # Workers fork from a server that imported torch and lorafleet once (seconds per process otherwise).
+    # The server starts with `python -c`, which would put the current directory first on its sys.path
+    # (an empty PYTHONPATH entry too): in a checkout, its kernels/ folder would stand in for Hugging
+    # Face's `kernels` package that transformers imports. PYTHONSAFEPATH keeps it off.
     os.environ["PYTHONPATH"] = os.pathsep.join(
-        [str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH", "")]
+        p for p in (str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH")) if p
     )
+    os.environ["PYTHONSAFEPATH"] = "1"
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["fleet_engine"])
     print(
