@@ -60,12 +60,13 @@ def prepare(commit: str, tree: Path) -> dict[str, str]:
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ns.parent), os.environ.get("PYTHONPATH")])),
+        # (the tree's kernels/ folder must not stand in for Hugging Face's `kernels`: see Makefile)
+        "PYTHONSAFEPATH": "1",
     }
     env.pop("LORAFLEET_GIT_REVISION", None)
     for name in PACKAGES:
-        out = subprocess.run(
-            [sys.executable, "-c", CHECK.format(name)], cwd=tree, env=env, capture_output=True, text=True
-        )
+        check = [sys.executable, "-P", "-c", CHECK.format(name)]
+        out = subprocess.run(check, cwd=tree, env=env, capture_output=True, text=True)
         where = Path(out.stdout.strip() or ".").resolve()
         if out.returncode != 0 or not where.is_relative_to(tree.resolve()):
             raise SystemExit(f"lorafleet.{name} is not imported from {tree} but {where}\n{out.stderr}")
