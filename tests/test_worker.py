@@ -899,6 +899,33 @@ def test_a_parked_job_whose_adapter_arrives_during_a_step_runs_in_the_next_one(
     assert isinstance(_result_now(cold), Result)
 
 
+def test_a_redis_error_while_unparking_leaves_the_jobs_parked(redis_url, inproc, monkeypatch):
+    """The cancel markers of parked jobs are read before the jobs leave the parked table: a Redis
+    error there (the loop retries the turn) must not drop them from this worker's books, where
+    their claims are refreshed and from where they start once their adapter is in."""
+    worker = inproc()
+    store_open = threading.Event()
+    fetch = worker.adapters._fetch
+    monkeypatch.setattr(worker.adapters, "_fetch", lambda load: (store_open.wait(30), fetch(load)))
+    with Producer(redis_url) as producer:
+        handle = producer.submit(prompt_ids=[5, 6, 9], adapter=ADAPTERS[0], max_new_tokens=2, temperature=0.0)
+        turn_until(worker, lambda: worker.parked, timeout=30)
+        real_mget = worker.redis.mget
+
+        def broken(*args, **kwargs):
+            raise redis.ConnectionError("Redis went away")
+
+        monkeypatch.setattr(worker.redis, "mget", broken)
+        with pytest.raises(redis.ConnectionError):
+            worker.intake.unpark(time.time())
+        assert [p.job.id for p in worker.parked.values()] == [handle.id]
+        assert handle.entry_id in {d.entry_id for d in worker.jobs.deliveries()}  # its claim is refreshed
+        monkeypatch.setattr(worker.redis, "mget", real_mget)
+        store_open.set()
+        turn_until(worker, lambda: _result_now(handle) is not None, timeout=60)
+    assert isinstance(_result_now(handle), Result)
+
+
 @pytest.mark.parametrize("max_prefetch", [2, 0])
 def test_a_cold_adapter_waiting_for_a_slot_is_fetched_into_host_memory_meanwhile(
     redis_url, inproc, max_prefetch

@@ -276,9 +276,10 @@ class Intake:
         """Start parked jobs whose adapter arrived; fail those cancelled or past their deadline."""
         if not self.jobs.parked:
             return
+        # Markers first: a Redis error here leaves the jobs parked (and their claims refreshed).
+        cancelled = self.redis.mget([self.keys.cancel(p.job.id) for p in self.jobs.parked.values()])
         jobs = self.jobs.unpark_all()
         resolved: dict[str, str | None] = {}
-        cancelled = self.redis.mget([self.keys.cancel(p.job.id) for p in jobs])
         for parked, marker in zip(jobs, cancelled, strict=True):
             if marker is not None:
                 self.answers.fail(
