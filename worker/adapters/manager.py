@@ -316,13 +316,13 @@ class AdapterManager:
             self.log.warning("adapter fetch failed", exc_info=True)
             self._fail(load, f"unexpected error loading {ref.key}: {exc!r}")
         else:
-            with self._lock:
-                load.adapter, load.config, load.status = adapter, config, "done"
-                self._done.append(load)
-            try:
+            try:  # the disk cache back within its bound before the adapter counts as fetched
                 self.cache.trim()
             except OSError:
                 self.log.warning("disk cache trim failed", exc_info=True)
+            with self._lock:
+                load.adapter, load.config, load.status = adapter, config, "done"
+                self._done.append(load)
 
     def _retry_later(self, load: _Load, error: str) -> None:
         with self._lock:
