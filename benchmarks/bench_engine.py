@@ -2,15 +2,19 @@
 
 For batch sizes 1..256 it measures the decode step time and tokens/s with
   (a) no adapters, (b) every sequence on one adapter, (c) N distinct rank-16 all-linear adapters,
-(b) and (c) again with the LoRA pairs under programmatic dependent launch (rows *_pdl), and, in the
-same run, the baselines: PEFT's mixed-adapter generate (`adapter_names=[...]`),
+(b) again without folding the shrink into the base GEMMs (rows *_unfolded; worker/engine/fold.py),
+(b) unfolded and (c) again with the LoRA pairs under programmatic dependent launch (rows *_pdl), and,
+in the same run, the baselines: PEFT's mixed-adapter generate (`adapter_names=[...]`),
 transformers' continuous batching (`generate_batch`, base model), and the weight-read roofline from
 the HBM bandwidth measured by a device-to-device copy.
 
     python benchmarks/bench_engine.py            # full run, a few minutes on an H200
     python benchmarks/bench_engine.py --quick    # fewer points
 
-Prints a table and writes benchmarks/results/bench_engine.json and bench_engine.png.
+Prints a table, then the issue's targets at batch 64 (one adapter >= 0.90 of base tokens/s; 64
+distinct adapters >= 0.90 of what their bytes allow at the base step's efficiency; base step
+<= 1.3x the weight-read roofline) as MET or MISS lines, and writes benchmarks/results/bench_engine.json
+(targets under "targets") and bench_engine.png.
 """
 
 from __future__ import annotations
@@ -119,11 +123,12 @@ def main() -> int:
     max_batch = max(batches)
     names = [f"bench-{i}" for i in range(max(adapter_counts))]
 
-    def build_engine(lora_pdl: bool) -> Engine:
+    def build_engine(lora_pdl: bool = False, fold: bool = True) -> Engine:
         engine = Engine(
             model,
             EngineConfig(max_loras=len(names), max_rank=RANK, max_batch=max_batch,
-                         kv_cache_tokens=max_batch * (PROMPT_LEN + args.steps + 8), lora_pdl=lora_pdl),
+                         kv_cache_tokens=max_batch * (PROMPT_LEN + args.steps + 8), lora_pdl=lora_pdl,
+                         fold_single_adapter=fold),
         )  # fmt: skip
         lora_config = synthetic.adapter_config(rank=RANK, alpha=2 * RANK, targets=synthetic.ALL_TARGETS)
         for i, name in enumerate(names):
@@ -133,7 +138,7 @@ def main() -> int:
             engine.add_adapter(name, {k: v.cpu() for k, v in tensors.items()}, lora_config)
         return engine
 
-    engine = build_engine(lora_pdl=False)
+    engine = build_engine()
     adapter_bytes = engine._adapters[names[0]].nbytes
     bandwidth = hbm_bandwidth()
     weight_bytes = model.memory_bytes()
@@ -149,23 +154,26 @@ def main() -> int:
             "tokens_per_s": batch / seconds, "roofline_ms": roofline * 1e3, "x_roofline": seconds / roofline,
         })  # fmt: skip
 
-    def measure(engine: Engine, suffix: str, base: bool) -> None:
+    def measure(engine: Engine, suffix: str, base: bool = False, distinct: bool = True) -> None:
         for batch in batches:
             if base:
                 record("a_base", batch, 0, decode_step_time(engine, batch, [None], args.steps))
             record(
                 f"b_one_adapter{suffix}", batch, 1, decode_step_time(engine, batch, [names[0]], args.steps)
             )
-            for n in (n for n in adapter_counts if n <= batch):
+            for n in (n for n in adapter_counts if n <= batch and distinct):
                 seconds = decode_step_time(engine, batch, list(names[:n]), args.steps)
                 record(f"c_distinct{suffix}", batch, n, seconds)
 
     measure(engine, "", base=True)
-    # (b) and (c) again with each LoRA pair under programmatic dependent launch (EngineConfig.lora_pdl):
-    # a second engine (its graphs are captured with PDL), built once the first one is freed.
+    # Each variant is an engine of its own (its graphs are captured with its settings), built once the
+    # one before is freed: (b) with the shrink and expand pair instead of the fold, then (b) unfolded
+    # and (c) with each LoRA pair under programmatic dependent launch (EngineConfig.lora_pdl).
     del engine
     torch.cuda.empty_cache()
-    measure(build_engine(lora_pdl=True), "_pdl", base=False)
+    measure(build_engine(fold=False), "_unfolded", distinct=False)
+    torch.cuda.empty_cache()
+    measure(build_engine(lora_pdl=True, fold=False), "_pdl")
     torch.cuda.empty_cache()
 
     baseline_batch, baseline_adapters = 64, 64 if not args.quick else 8
@@ -199,14 +207,46 @@ def main() -> int:
     print(f"HBM copy bandwidth {bandwidth / 1e9:.0f} GB/s; weights {weight_bytes / 1e9:.2f} GB; "
           f"adapter {adapter_bytes / 1e6:.1f} MB")  # fmt: skip
     print_table(rows, ["case", "batch", "adapters", "step_ms", "tokens_per_s", "roofline_ms", "x_roofline"])
+    found = targets(rows)
+    for line in found:
+        print(f"{'MET ' if line['met'] else 'MISS'}  {line['target']}: {line['value']:.3f}")
     path = write_results(
         "bench_engine",
         rows,
-        {"hbm_bytes_per_s": bandwidth, "weight_bytes": weight_bytes, "adapter_bytes": adapter_bytes},
-    )
+        {"hbm_bytes_per_s": bandwidth, "weight_bytes": weight_bytes, "adapter_bytes": adapter_bytes,
+         "targets": found},
+    )  # fmt: skip
     _plot(rows, RESULTS_DIR / "bench_engine.png")
     print(f"wrote {path}")
     return 0
+
+
+def targets(rows: list[dict[str, Any]], batch: int = 64, distinct: int = 64) -> list[dict[str, Any]]:
+    """The issue's targets at `batch` from the measured rows (those whose points were measured).
+
+    64 distinct adapters: the step time their bytes imply at the base step's measured efficiency is
+    base step x (roofline with the adapters / roofline without); the fraction is that / the measured step.
+    """
+    point = {(r["case"], r["adapters"]): r for r in rows if r.get("batch") == batch and "step_ms" in r}
+    base = point.get(("a_base", 0))
+    found = []
+    if base is None:
+        return found
+    found.append({"target": f"base step <= 1.3x the weight-read roofline (batch {batch})",
+                  "value": base["x_roofline"], "met": base["x_roofline"] <= 1.3})  # fmt: skip
+    for case in ("b_one_adapter", "b_one_adapter_unfolded", "b_one_adapter_pdl"):
+        if (case, 1) in point:
+            ratio = point[(case, 1)]["tokens_per_s"] / base["tokens_per_s"]
+            found.append({"target": f"{case} >= 0.90 of base tokens/s (batch {batch})",
+                          "value": ratio, "met": ratio >= 0.9})  # fmt: skip
+    for case in ("c_distinct", "c_distinct_pdl"):
+        row = point.get((case, distinct))
+        if row is not None:
+            implied = base["step_ms"] * row["roofline_ms"] / base["roofline_ms"]
+            fraction = implied / row["step_ms"]
+            target = f"{case} {distinct} adapters >= 0.90 of what their bytes allow (batch {batch})"
+            found.append({"target": target, "value": fraction, "met": fraction >= 0.9})
+    return found
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:

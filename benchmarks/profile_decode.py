@@ -1,8 +1,9 @@
 """Where a decode step's time goes, on a GPU: wall time vs GPU kernel time, and the kernels by total time.
 
-Builds the engine at Llama-3-8B shapes (random bf16 weights), runs `--batch` sequences over
-`--adapters` distinct rank-16 all-linear adapters (0: base model), and profiles `--steps` decode steps
-with torch.profiler, once with CUDA graphs and once eager. For each it reports
+Builds a model at Llama-3-8B shapes (random bf16 weights) once and, for each of `--cases` (N: `--batch`
+sequences over N distinct rank-16 all-linear adapters, 0 = base model; N:unfolded the same on an engine
+that does not fold single-adapter steps, worker/engine/fold.py), an engine over it, and profiles
+`--steps` decode steps with torch.profiler, with CUDA graphs (and eager with --eager). For each it reports
 
     wall_ms       engine.step() wall time per step (host work, sampling and the forward)
     kernel_ms     sum of GPU kernel time per step
@@ -11,9 +12,9 @@ with torch.profiler, once with CUDA graphs and once eager. For each it reports
     host_gap_ms   GPU idle per step in longer gaps (waiting for the host between steps)
     top kernels   name, calls per step, ms per step, share of kernel time
 
-    python benchmarks/profile_decode.py --batch 16 --adapters 8
+    python benchmarks/profile_decode.py --batch 64 --cases 0 1 1:unfolded 64
 
-Prints the tables and writes benchmarks/results/profile_decode.json.
+Prints the tables and writes benchmarks/results/profile_decode.json (or --out NAME.json).
 """
 
 from __future__ import annotations
@@ -38,16 +39,23 @@ from lorafleet.worker.engine.model import DecoderModel
 RANK = 16
 
 
-def build_engine(size: str, batch: int, adapters: int, cuda_graphs: bool) -> Engine:
-    """An engine over a random-weight Llama of `size` with `adapters` rank-16 adapters registered."""
+def build_model(size: str) -> DecoderModel:
+    """A random-weight bf16 Llama of `size` on the GPU."""
     config = synthetic.model_config("llama", size)
     hf_model = synthetic.build_model(config, dtype=torch.bfloat16, device="cuda")
-    weights = dict(hf_model.state_dict())
-    model = DecoderModel(config, weights, torch.device("cuda"), torch.bfloat16)
+    return DecoderModel(config, dict(hf_model.state_dict()), torch.device("cuda"), torch.bfloat16)
+
+
+def build_engine(
+    model: DecoderModel, batch: int, adapters: int, cuda_graphs: bool, fold: bool = True
+) -> Engine:
+    """An engine over `model` with `adapters` rank-16 all-linear adapters registered."""
+    config = model.config
     engine = Engine(
         model,
         EngineConfig(max_loras=max(adapters, 1), max_rank=RANK, max_batch=batch,
-                     kv_cache_tokens=batch * (PROMPT_LEN + 512), cuda_graphs=cuda_graphs),
+                     kv_cache_tokens=batch * (PROMPT_LEN + 512), cuda_graphs=cuda_graphs,
+                     fold_single_adapter=fold),
     )  # fmt: skip
     lora_config = synthetic.adapter_config(rank=RANK, alpha=2 * RANK, targets=synthetic.ALL_TARGETS)
     for i in range(adapters):
@@ -117,32 +125,47 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="llama-3-8b", help="synthetic model size")
     parser.add_argument("--batch", type=int, default=16, help="running sequences")
-    parser.add_argument("--adapters", type=int, default=8, help="distinct adapters (0: base model)")
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        default=["8"],
+        help="N (distinct adapters, 0: base model) or N:unfolded, each profiled in turn",
+    )
     parser.add_argument("--steps", type=int, default=8, help="decode steps profiled")
     parser.add_argument("--eager", action="store_true", help="also profile without CUDA graphs")
+    parser.add_argument("--out", default="profile_decode", help="results file name (without .json)")
     args = parser.parse_args()
+    cases = [parse_case(c) for c in args.cases]
     if not torch.cuda.is_available():
         print("profile_decode needs a CUDA GPU; none found", file=sys.stderr)
         return 2
-    results = {}
-    for mode in ("graphs", "eager") if args.eager else ("graphs",):
-        engine = build_engine(args.size, args.batch, args.adapters, cuda_graphs=mode == "graphs")
-        results[mode] = profile(engine, args.batch, args.adapters, args.steps)
-        del engine
-        torch.cuda.empty_cache()
-        r = results[mode]
-        print(f"\n{mode}: wall {r['wall_ms']:.3f} ms/step, kernels {r['kernel_ms']:.3f} ms/step, "
-              f"{r['kernels']:.0f} launches/step; GPU idle between kernels {r['launch_gap_ms']:.3f} ms, "
-              f"waiting for the host {r['host_gap_ms']:.3f} ms")  # fmt: skip
-        print_table(r["top"], ["kernel", "calls", "ms", "share"])
-    rows = [{"mode": m, "batch": args.batch, "adapters": args.adapters,
-             **{k: v for k, v in r.items() if k != "top"}} for m, r in results.items()]  # fmt: skip
-    path = write_results(
-        "profile_decode", rows, {"size": args.size, "batch": args.batch, "adapters": args.adapters,
-                                 "top": {m: r["top"] for m, r in results.items()}},
-    )  # fmt: skip
+    model = build_model(args.size)
+    rows, tops = [], {}
+    for adapters, fold in cases:
+        for mode in ("graphs", "eager") if args.eager else ("graphs",):
+            engine = build_engine(model, args.batch, adapters, cuda_graphs=mode == "graphs", fold=fold)
+            r = profile(engine, args.batch, adapters, args.steps)
+            del engine
+            torch.cuda.empty_cache()
+            label = f"{adapters} adapters{'' if fold else ' unfolded'}, {mode}"
+            print(f"\n{label}: wall {r['wall_ms']:.3f} ms/step, kernels {r['kernel_ms']:.3f} ms/step, "
+                  f"{r['kernels']:.0f} launches/step; GPU idle between kernels {r['launch_gap_ms']:.3f} ms, "
+                  f"waiting for the host {r['host_gap_ms']:.3f} ms")  # fmt: skip
+            print_table(r["top"], ["kernel", "calls", "ms", "share"])
+            rows.append({"mode": mode, "batch": args.batch, "adapters": adapters, "fold": fold,
+                         **{k: v for k, v in r.items() if k != "top"}})  # fmt: skip
+            tops[label] = r["top"]
+    path = write_results(args.out, rows, {"size": args.size, "batch": args.batch, "top": tops})
     print(f"wrote {path}")
     return 0
+
+
+def parse_case(text: str) -> tuple[int, bool]:
+    """'N' or 'N:unfolded' -> (N adapters, fold single-adapter steps)."""
+    count, _, flag = text.partition(":")
+    if not count.isdigit() or flag not in ("", "unfolded"):
+        raise SystemExit(f"--cases: {text!r} is not N or N:unfolded")
+    return int(count), flag != "unfolded"
 
 
 if __name__ == "__main__":

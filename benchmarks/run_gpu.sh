@@ -6,7 +6,8 @@
 #     benchmarks/run_gpu.sh --full             # the full benchmark grids (longer)
 #     benchmarks/run_gpu.sh gpu-tests bench_kernels sweep_kernels   # only the steps named
 #
-# Steps: gpu-tests bench_kernels bench_attention bench_engine bench_adapters bench_worker_overhead, and
+# Steps: gpu-tests bench_kernels bench_attention bench_engine profile_decode bench_adapters
+# bench_worker_overhead, and
 # sweep_kernels and sweep_mlp (the kernels' block-size sweeps at the q/o and MLP shapes, only when named).
 # JSON results land in benchmarks/results/ as usual; everything is printed to stdout (tee it to a log).
 # Where lorafleet is not installed (a bare GPU machine with torch, triton, transformers and peft),
@@ -70,7 +71,9 @@ step 150 gpu-tests "$py" -m pytest -q -m gpu -p no:cacheprovider -o addopts="--s
     tests/test_engine_gpu.py tests/test_synthetic.py
 step 120 bench_kernels "$py" benchmarks/bench_kernels.py $quick
 step 60 bench_attention "$py" benchmarks/bench_attention.py $quick
-step 210 bench_engine "$py" benchmarks/bench_engine.py $quick
+step 240 bench_engine "$py" benchmarks/bench_engine.py $quick
+step 150 profile_decode "$py" benchmarks/profile_decode.py --batch 64 --cases 0 1 1:unfolded 64 --steps 4 \
+    --out profile_decode_b64
 step 90 bench_adapters "$py" benchmarks/bench_adapters.py --repeat 1
 step 150 bench_worker_overhead "$py" benchmarks/bench_worker_overhead.py --device cuda --size llama-3-1b $quick
 step 180 sweep_kernels "$py" benchmarks/sweep_kernels.py --limit 120

@@ -57,7 +57,7 @@ __all__ = ["lora_expand"]
 # Triton types the arguments at launch (pointers, ints, constexprs); they carry no Python annotations.
 @triton.jit
 def _lora_expand_kernel(  # type: ignore[no-untyped-def]
-    h_ptr,  # [T, G * R] fp32
+    h_ptr,  # [T, G * R] fp32 or lora_b's dtype (rows h_stride apart)
     b_ptr,  # [S, d_out, R] fp16/bf16/fp32: the G groups' rows one after the other
     out_ptr,  # [T, d_out] same dtype as lora_b, updated in place
     sorted_tokens_ptr,  # [T] int32: token ids grouped by slot
@@ -66,7 +66,7 @@ def _lora_expand_kernel(  # type: ignore[no-untyped-def]
     slot_scales_ptr,  # [G, S] fp32
     max_rank,  # int: R
     stride_group,  # int: slot_ranks.stride(0) == slot_scales.stride(0) (0 when G = 1)
-    h_stride,  # int: G * R
+    h_stride,  # int: h.stride(0) (G * R, or wider when h is a column slice)
     width0,  # int: output columns of group 0 (d_out when G = 1)
     width1,  # int: of group 1 (0 when G < 2)
     width2,  # int: of group 2 (0 when G < 3)
@@ -173,7 +173,7 @@ MAX_GROUPS = 3  # groups one expand launch takes (q, k and v)
 
 
 def lora_expand(
-    h: torch.Tensor,  # [T, R] fp32 (or [T, G * R] for G groups)
+    h: torch.Tensor,  # [T, R] fp32 or lora_b's dtype (or [T, G * R] for G groups; rows may be strided)
     lora_b: torch.Tensor,  # [S, d_out, R] fp16/bf16/fp32
     token_slots: torch.Tensor,  # [T] int32, -1 = no adapter
     slot_ranks: torch.Tensor,  # [S] int32, 1..R (or [G, S])
@@ -189,10 +189,12 @@ def lora_expand(
     """Multi-LoRA expand, in place: out[t] += scale[s] * h[t, :r] @ lora_b[s, :, :r].T.
 
     s = token_slots[t], r = slot_ranks[s], scale = slot_scales[s]; accumulated in fp32 and rounded once
-    to out's dtype. Rows whose slot is -1 are untouched. `meta`, `backend` and `debug` work as in
-    `lora_shrink`: shapes, dtypes, devices and contiguity are always checked; value ranges on CPU, and
-    on CUDA only with debug=True (a host sync). Unchecked on CUDA, an out-of-range slot is treated as -1
-    and a rank is clamped to [0, R].
+    to out's dtype. h is fp32 (a `lora_shrink`) or lora_b's dtype (a GEMM's output, as in the engine's
+    single-adapter steps, where h is a column slice of the tensor whose other columns are `out`); the
+    kernel rounds it to lora_b's dtype for the tensor cores either way. Rows whose slot is -1 are
+    untouched. `meta`, `backend` and `debug` work as in `lora_shrink`: shapes, dtypes, devices and
+    contiguity are always checked; value ranges on CPU, and on CUDA only with debug=True (a host
+    sync). Unchecked on CUDA, an out-of-range slot is treated as -1 and a rank is clamped to [0, R].
 
     Groups (the projections of one fused GEMM in one launch, up to three): with slot_ranks and
     slot_scales of shape [G, S], h is [T, G * R] (a grouped `lora_shrink`), out's columns and lora_b's
@@ -241,7 +243,7 @@ def lora_expand(
         slot_scales,
         max_rank,
         slot_ranks.stride(0) if len(widths) > 1 else 0,
-        h.shape[1],
+        h.stride(0),
         *padded_widths,
         *padded_tiles,
         out.stride(0),
@@ -272,10 +274,12 @@ def _check_expand_args(
     group_widths: Sequence[int] | None,
 ) -> tuple[torch.device, list[int]]:
     """The device, and the output columns of each group ([d_out] without groups)."""
-    check_tensor("h", h, dtypes=(torch.float32,), shape=(None, None))
+    check_tensor("h", h, dtypes=FLOAT_DTYPES, shape=(None, None), strided_rows=True)
     device = h.device
     num_tokens = h.shape[0]
     check_tensor("lora_b", lora_b, dtypes=FLOAT_DTYPES, shape=(None, None, None), device=device)
+    if h.dtype not in (torch.float32, lora_b.dtype):
+        raise TypeError(f"h must be float32 or lora_b's dtype ({lora_b.dtype}), got {h.dtype}")
     num_slots, d_out, max_rank = lora_b.shape
     if num_slots < 1 or max_rank < 1:
         raise ValueError(f"lora_b must have at least one slot and rank >= 1, got shape {list(lora_b.shape)}")

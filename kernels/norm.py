@@ -24,12 +24,13 @@ __all__ = ["rms_norm", "rms_norm_ref"]
 
 @triton.jit
 def _rms_norm_kernel(  # type: ignore[no-untyped-def]
-    x_ptr,  # [N, d] fp16/bf16/fp32
+    x_ptr,  # [N, d] fp16/bf16/fp32, rows stride_x apart
     residual_ptr,  # [N, d] same dtype, read only when HAS_RESIDUAL
     weight_ptr,  # [d] same dtype
     out_ptr,  # [N, d] same dtype: the normalised rows
     sum_ptr,  # [N, d] same dtype: x + residual, written only when HAS_RESIDUAL
     d,  # int
+    stride_x,  # int: x.stride(0) (d, or wider when x is a column slice)
     eps,  # float
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,  # next power of two >= d: a whole row per program
@@ -37,7 +38,7 @@ def _rms_norm_kernel(  # type: ignore[no-untyped-def]
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < d
-    x = tl.load(x_ptr + row * d + cols, mask=mask, other=0.0)
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         res = tl.load(residual_ptr + row * d + cols, mask=mask, other=0.0)
         x = (x.to(tl.float32) + res.to(tl.float32)).to(x.dtype)  # rounded like torch's add
@@ -62,7 +63,7 @@ def rms_norm_ref(
 
 
 def rms_norm(
-    x: torch.Tensor,  # [N, d] fp16/bf16/fp32, contiguous
+    x: torch.Tensor,  # [N, d] fp16/bf16/fp32 (rows may be strided)
     weight: torch.Tensor,  # [d] same dtype
     eps: float,
     residual: torch.Tensor | None = None,  # [N, d] same dtype
@@ -72,17 +73,19 @@ def rms_norm(
     """RMSNorm of `x + residual` (or of `x`): returns (normalised rows, x + residual or x itself).
 
     Rows are the last dimension of a 2-D tensor; normalise per-head vectors ([N, H, D]) by passing a
-    `view(-1, D)`. backend: "auto" (Triton on CUDA, the reference on CPU), "triton" or "torch".
+    `view(-1, D)`. x's rows may lie any distance apart (a column slice of a wider output); the results
+    are contiguous, except that without `residual` the second one is x itself. backend: "auto" (Triton
+    on CUDA, the reference on CPU), "triton" or "torch".
     """
-    check_tensor("x", x, dtypes=FLOAT_DTYPES, shape=(None, None))
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, shape=(None, None), strided_rows=True)
     rows, d = x.shape
     check_tensor("weight", weight, dtypes=(x.dtype,), shape=(d,), device=x.device)
     if residual is not None:
         check_tensor("residual", residual, dtypes=(x.dtype,), shape=(rows, d), device=x.device)
     if not use_triton(x.device, backend, x.dtype):
         return rms_norm_ref(x, weight, eps, residual)
-    out = torch.empty_like(x)
-    total = torch.empty_like(x) if residual is not None else x
+    out = torch.empty(rows, d, dtype=x.dtype, device=x.device)
+    total = torch.empty(rows, d, dtype=x.dtype, device=x.device) if residual is not None else x
     if rows == 0:
         return out, total
     block = next_power_of_2(d)
@@ -93,6 +96,7 @@ def rms_norm(
         out,
         total,
         d,
+        x.stride(0),
         float(eps),
         HAS_RESIDUAL=residual is not None,
         BLOCK=block,

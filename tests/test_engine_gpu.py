@@ -72,12 +72,12 @@ def test_steps_without_adapters_replay_the_graphs_without_lora_and_match(model_a
     graphed, engine = _run(model_dir, adapters, "cuda", names=base_only)
     assert engine.graphs is not None
     replays = engine.graphs.replays
-    assert sum(n for (_, lora), n in replays.items() if not lora) > 0
-    assert sum(n for (_, lora), n in replays.items() if lora) == 0
+    assert sum(n for (_, mode), n in replays.items() if mode == "base") > 0
+    assert sum(n for (_, mode), n in replays.items() if mode != "base") == 0
     assert eager == cpu
     assert graphed == eager
     mixed = [o.token_ids for o in engine.generate(_requests())]
-    assert sum(n for (_, lora), n in replays.items() if lora) > 0
+    assert sum(n for (_, mode), n in replays.items() if mode == "lora") > 0
     assert mixed == _run(model_dir, adapters, "cpu")[0]
 
 
@@ -89,9 +89,33 @@ def test_lora_pairs_with_programmatic_dependent_launch_give_the_same_tokens(mode
     eager, _ = _run(model_dir, adapters, "cuda", cuda_graphs=False, lora_pdl=True)
     graphed, engine = _run(model_dir, adapters, "cuda", lora_pdl=True)
     assert engine.graphs is not None
-    assert sum(n for (_, lora), n in engine.graphs.replays.items() if lora) > 0
+    assert sum(n for (_, mode), n in engine.graphs.replays.items() if mode == "lora") > 0
     assert eager == plain
     assert graphed == plain
+
+
+def test_steps_on_one_adapter_replay_the_folded_graphs_and_match(model_and_adapters):
+    """Sequences on one adapter (rank 8 of max_rank 16) and on the base model: decode steps replay the
+    folded graphs (the shrink inside the base GEMMs, fold.py), with the tokens of the engine that does
+    not fold, eager and from graphs, and of the CPU path."""
+    model_dir, adapters = model_and_adapters
+    names = ("a0", None)
+    cpu, _ = _run(model_dir, adapters, "cpu", names=names)
+    unfolded, _ = _run(model_dir, adapters, "cuda", names=names, fold_single_adapter=False)
+    eager, eager_engine = _run(model_dir, adapters, "cuda", names=names, cuda_graphs=False)
+    graphed, engine = _run(model_dir, adapters, "cuda", names=names)
+    assert eager_engine.fold is not None
+    assert eager_engine.fold.steps > 0
+    assert engine.graphs is not None
+    replays = engine.graphs.replays
+    assert sum(n for (_, mode), n in replays.items() if mode == "folded") > 0
+    assert sum(n for (_, mode), n in replays.items() if mode == "lora") == 0
+    assert unfolded == cpu
+    assert eager == unfolded
+    assert graphed == unfolded
+    # another adapter afterwards: the fold copies its A before the graphs replay
+    again = [o.token_ids for o in engine.generate(_requests(("a2", None)))]
+    assert again == _run(model_dir, adapters, "cpu", names=("a2", None))[0]
 
 
 def _shared_prefix_requests():

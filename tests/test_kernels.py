@@ -597,7 +597,12 @@ def test_shrink_rejects_bad_inputs_naming_the_argument(case):
 
 
 EXPAND_ERRORS = {
-    "h_fp16": (dict(h=torch.zeros(6, 8, dtype=torch.float16)), TypeError, r"^h must have dtype"),
+    "h_fp16": (
+        dict(h=torch.zeros(6, 8, dtype=torch.float16)),
+        TypeError,
+        r"^h must be float32 or lora_b's dtype",
+    ),
+    "h_int": (dict(h=torch.zeros(6, 8, dtype=torch.int32)), TypeError, r"^h must have dtype"),
     "h_rank": (dict(h=torch.zeros(6, 7)), ValueError, r"^h must have shape \[\*, 8\] \(1 group\(s\) of R=8"),
     "b_int": (dict(lora_b=torch.zeros(3, 12, 8, dtype=torch.int8)), TypeError, r"^lora_b must have dtype"),
     "b_strided": (

@@ -30,6 +30,16 @@ class StepBatch:
     context_lens_host: list[int]  # [B]
     has_lora: bool
     lora_meta: Any = None  # batch metadata of the LoRA kernels (tokens grouped by slot), or None
+    # One adapter in the step, its A in the base weights' spare rows: shrink folded into the GEMMs
+    # (worker/engine/fold.py). Meaningful only with has_lora.
+    folded: bool = False
+
+    @property
+    def lora_mode(self) -> str:
+        """How the forward runs the adapters: "base" (none), "folded" (one, fold.py) or "lora"."""
+        if not self.has_lora:
+            return "base"
+        return "folded" if self.folded else "lora"
 
     @property
     def num_tokens(self) -> int:

@@ -21,6 +21,9 @@ class EngineConfig:
     # Launch each LoRA shrink-expand pair with programmatic dependent launch (`lora_apply(pdl=True)`;
     # compute capability 9.0+, ignored elsewhere). Off until benchmarks/bench_kernels.py measures it.
     lora_pdl: bool = False
+    # Steps whose sequences use one adapter run its shrink inside the base GEMMs (worker/engine/fold.py):
+    # 4 LoRA launches per layer instead of 8, for G * max_rank spare weight rows per projection group.
+    fold_single_adapter: bool = True
     # Share the KV blocks of prompt prefixes already computed (same model, adapter version and tokens):
     # their prefill is skipped. Off: every prompt is prefilled from scratch.
     prefix_cache: bool = True

@@ -1,4 +1,4 @@
-"""CUDA graphs of the decode step, two per batch-size bucket: with and without LoRA.
+"""CUDA graphs of the decode step, up to three per batch-size bucket: with LoRA, folded, without.
 
 A decode step of an 8B model launches a few thousand small kernels (projections, LoRA shrink and
 expand, attention, norms per layer); replaying a captured graph removes their Python and launch
@@ -6,8 +6,9 @@ overhead. Every captured forward reads its inputs from static buffers: a step co
 the first B rows, pads the bucket's remaining rows (token id 0, no adapter, KV writes into a spare
 padding block) and replays the graph of the smallest bucket that holds B sequences. A step in which
 no sequence uses an adapter replays the bucket's graph without the LoRA kernels (448 launches of an
-8B model that would find no token to work on). Every graph writes its logits into one shared buffer,
-so a second set of graphs costs no second set of [bucket, V] outputs.
+8B model that would find no token to work on); a step whose sequences use one adapter replays the
+folded graph (fold.py: the shrink inside the base GEMMs), when the engine folds. Every graph writes its
+logits into one shared buffer, so more sets of graphs cost no more [bucket, V] outputs.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ class DecodeGraphs:
     """Captured decode forwards for batch sizes up to `max_batch` (CUDA only)."""
 
     def __init__(
-        self, model: DecoderModel, cache: KVCache, slots: AdapterSlots, max_batch: int, max_blocks: int
-    ):
+        self, model: DecoderModel, cache: KVCache, slots: AdapterSlots, max_batch: int, max_blocks: int,
+        *, folded: bool = False,
+    ):  # fmt: skip
         if model.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.model, self.cache, self.slots = model, cache, slots
@@ -58,11 +60,13 @@ class DecodeGraphs:
         self._pad_slot = pad_slot
         # Logits of the last replay, [max bucket, V] fp32: every graph copies its logits here.
         self._logits = torch.empty(size, model.lm_head.shape[0], dtype=torch.float32, device=device)
-        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (bucket, with LoRA) -> graph
+        # StepBatch.lora_mode of each graph of a bucket
+        self.modes = ("lora", "folded", "base") if folded else ("lora", "base")
+        self._graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}  # (bucket, mode) -> graph
         self._pool: Any = None  # the graph memory pool handle, shared by every bucket
-        self.replays: Counter[tuple[int, bool]] = Counter()  # (bucket, with LoRA) -> replays so far
+        self.replays: Counter[tuple[int, str]] = Counter()  # (bucket, mode) -> replays so far
 
-    def _view(self, size: int, lora: bool) -> StepBatch:
+    def _view(self, size: int, mode: str) -> StepBatch:
         s = self._static
         return StepBatch(
             input_ids=s.input_ids[:size],
@@ -75,7 +79,8 @@ class DecodeGraphs:
             context_lens=s.context_lens[:size],
             query_lens_host=[1] * size,
             context_lens_host=[1] * size,
-            has_lora=lora,
+            has_lora=mode != "base",
+            folded=mode == "folded",
         )
 
     @torch.inference_mode()
@@ -86,16 +91,16 @@ class DecodeGraphs:
         stream.wait_stream(torch.cuda.current_stream(self.model.device))
         with torch.cuda.stream(stream):
             for size in reversed(self.buckets):
-                for lora in (True, False):
+                for mode in self.modes:
                     for _ in range(2):  # warm-up: Triton autotuning and compilation happen outside capture
-                        self.model.forward(self._view(size, lora), self.cache, self.slots)
+                        self.model.forward(self._view(size, mode), self.cache, self.slots)
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=self._pool, stream=stream):
-                        logits = self.model.forward(self._view(size, lora), self.cache, self.slots)
+                        logits = self.model.forward(self._view(size, mode), self.cache, self.slots)
                         self._logits[:size].copy_(logits)
                         del logits
                     self._pool = graph.pool()
-                    self._graphs[(size, lora)] = graph
+                    self._graphs[(size, mode)] = graph
         torch.cuda.current_stream(self.model.device).wait_stream(stream)
 
     @property
@@ -111,8 +116,9 @@ class DecodeGraphs:
         )
 
     def run(self, batch: StepBatch) -> torch.Tensor:
-        """Replay the graph of the smallest bucket holding `batch` (the one without LoRA kernels when
-        no sequence has an adapter); logits [B, V] fp32, valid until the next replay."""
+        """Replay the graph of the smallest bucket holding `batch`, of its `lora_mode` (a folded batch
+        replays the LoRA graph if this set has no folded graphs); logits [B, V] fp32, valid until the
+        next replay."""
         n = batch.num_seqs
         size = next(b for b in self.buckets if b >= n)
         s = self._static
@@ -129,6 +135,7 @@ class DecodeGraphs:
         s.slot_mapping[n:size].fill_(self._pad_slot)
         s.token_slots[n:size].fill_(-1)
         s.block_tables[n:size].fill_(self.cache.padding_block)
-        self._graphs[(size, batch.has_lora)].replay()
-        self.replays[(size, batch.has_lora)] += 1
+        mode = batch.lora_mode if batch.lora_mode in self.modes else "lora"
+        self._graphs[(size, mode)].replay()
+        self.replays[(size, mode)] += 1
         return self._logits[:n]

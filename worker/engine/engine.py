@@ -37,6 +37,7 @@ from lorafleet.worker.engine.adapter_pool import AdapterPool
 from lorafleet.worker.engine.batch import StepBatch, build_step_batch
 from lorafleet.worker.engine.config import EngineConfig
 from lorafleet.worker.engine.cuda_graphs import DecodeGraphs
+from lorafleet.worker.engine.fold import AdapterFold
 from lorafleet.worker.engine.kv_cache import KVCache, KVCacheInfo, PrefixMatch
 from lorafleet.worker.engine.lora import (
     AdapterError,
@@ -90,6 +91,11 @@ class Engine:
         spec = model.spec
         self.max_model_len = min(config.max_model_len or spec.max_positions, spec.max_positions)
         self.slots = AdapterSlots(spec.shapes, config.max_loras, config.max_rank, model.dtype, model.device)
+        self.fold = AdapterFold(model, self.slots) if config.fold_single_adapter else None
+        if (
+            self.device.type == "cuda"
+        ):  # the weights' old blocks back to the device before the KV cache is sized
+            torch.cuda.empty_cache()
         self.kv = KVCache(
             spec.num_layers, self._kv_blocks(), config.block_size, spec.num_kv_heads, spec.head_dim,
             model.dtype, model.device,
@@ -97,7 +103,9 @@ class Engine:
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and config.cuda_graphs:
             max_blocks = self.kv.blocks_for(self.max_model_len)
-            self.graphs = DecodeGraphs(model, self.kv, self.slots, config.max_batch, max_blocks)
+            self.graphs = DecodeGraphs(
+                model, self.kv, self.slots, config.max_batch, max_blocks, folded=self.fold is not None
+            )
         self.pool = AdapterPool(self.slots)  # registered adapters and their device slots
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
@@ -380,6 +388,8 @@ class Engine:
             for seq in seqs:
                 seq.reserved_blocks -= self.kv.grow(seq.block_table, seq.length)
             batch = build_step_batch(seqs, self.kv.block_size, self.device)
+            if self.fold is not None:
+                self.fold.prepare(batch, {s.lora_slot for s in seqs if s.lora_slot >= 0})
             logits = self._forward(batch)  # [B, V]
             if all(s.request.temperature == 0 for s in seqs):
                 next_ids = greedy(logits)  # no per-row parameters to copy to the device

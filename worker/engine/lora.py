@@ -9,6 +9,7 @@ lora_B [d_out, r]. The pool holds, per layer and target module, A [S, R, d_in] a
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import re
@@ -23,6 +24,7 @@ from safetensors.torch import load_file
 from lorafleet.worker.adapters.files import AdapterError
 
 TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_LOAD_STAMPS = itertools.count()  # AdapterSlots.stamps: one per load, across every pool of the process
 _KEY = re.compile(r"(?:.*\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$")
 
 
@@ -300,6 +302,9 @@ class AdapterSlots:
         self.group_scales = {n: self._scales[rows[n]] for n in self.groups}
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._ready: dict[int, Any] = {}
+        # A stamp per slot, new at every load and unique across pools: what a copy of a slot's
+        # weights (fold.AdapterFold) compares to know whether it is still the slot's.
+        self.stamps = [next(_LOAD_STAMPS) for _ in range(S)]
 
     @property
     def nbytes(self) -> int:
@@ -317,6 +322,7 @@ class AdapterSlots:
         ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         r = adapter.rank
         ranks, scales = [], []
+        self.stamps[slot] = next(_LOAD_STAMPS)
         with ctx:
             for target in self._row:  # in the order of the rows of _ranks and _scales
                 a_dst, b_dst = (

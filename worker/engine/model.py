@@ -23,7 +23,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from lorafleet.kernels import LoraBatchMeta, apply_rotary, lora_apply, paged_attention, rms_norm
+from lorafleet.kernels import LoraBatchMeta, apply_rotary, lora_apply, lora_expand, paged_attention, rms_norm
 from lorafleet.worker.engine.attention import write_kv
 from lorafleet.worker.engine.batch import StepBatch
 from lorafleet.worker.engine.kv_cache import KVCache
@@ -117,6 +117,13 @@ FUSED: dict[str, tuple[str, tuple[str, ...]]] = {
     "gate_up_proj": ("mlp", ("gate_proj", "up_proj")),
 }
 
+
+# The block (attention or MLP) of each LoRA launch group's projection.
+_BLOCK_OF = {
+    **{fused: block for fused, (block, _) in FUSED.items()},
+    "o_proj": "self_attn",
+    "down_proj": "mlp",
+}
 
 _PART = re.compile(r"^(model\.layers\.\d+\.(?:self_attn|mlp))\.(\w+)\.(weight|bias)$")
 _GROUP_OF = {
@@ -228,6 +235,10 @@ class DecoderModel:
         self.rotary = LlamaRotaryEmbedding(config).to(device)  # type: ignore[arg-type]
         self.scale = self.spec.head_dim**-0.5
         self.lora_pdl = False  # LoRA pairs with programmatic dependent launch (EngineConfig.lora_pdl)
+        # Projections with spare output rows for a folded adapter's A (see reserve_lora_rows):
+        # weight key prefix -> (weight [d_out + rows, d_in], bias [d_out + rows] or None).
+        self._extended: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.folded_stamp: int | None = None  # see reserve_lora_rows
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: torch.device, dtype: torch.dtype) -> DecoderModel:
@@ -236,6 +247,47 @@ class DecoderModel:
         config = AutoConfig.from_pretrained(str(path))
         ModelSpec.from_config(config)  # fail fast on an unsupported family
         return cls(config, load_safetensors(path, device, dtype), device, dtype)
+
+    def reserve_lora_rows(self, rows: dict[str, int]) -> dict[tuple[int, str], torch.Tensor]:
+        """Give every layer's projection `name` (a LoRA launch group: qkv_proj, o_proj, gate_up_proj,
+        down_proj) rows[name] spare output rows after its own; the spare rows, [rows, d_in] each, by
+        (layer, name).
+
+        The weight is reallocated one layer at a time as [d_out + rows, d_in] (zeros past d_out, its
+        bias likewise), and `weights` keeps a view of its first d_out rows, so steps that are not folded
+        compute exactly what they did. A folded step (`StepBatch.folded`) multiplies by the whole
+        tensor: its extra output columns are x @ spare.T, the shrink of whatever A the caller copied into
+        the spare rows (worker/engine/fold.py). A second call with the same rows (a second engine over
+        this model) returns the same spare rows; other rows raise ValueError.
+        """
+        spare = {}
+        for layer in range(self.spec.num_layers):
+            for name, count in rows.items():
+                prefix = f"model.layers.{layer}.{_BLOCK_OF[name]}.{name}"
+                weight, bias = self.weights[f"{prefix}.weight"], self.weights.get(f"{prefix}.bias")
+                d_out = weight.shape[0]
+                if prefix in self._extended:
+                    if self._extended[prefix][0].shape[0] != d_out + count:
+                        raise ValueError(
+                            f"{prefix} already has {self._extended[prefix][0].shape[0] - d_out} "
+                            f"spare rows, not {count}: one model serves engines of one max_rank"
+                        )
+                    spare[(layer, name)] = self._extended[prefix][0][d_out:]
+                    continue
+                extended = torch.zeros(d_out + count, weight.shape[1], dtype=self.dtype, device=self.device)
+                extended[:d_out].copy_(weight)
+                ext_bias = None
+                if bias is not None:
+                    ext_bias = torch.zeros(d_out + count, dtype=self.dtype, device=self.device)
+                    ext_bias[:d_out].copy_(bias)
+                    self.weights[f"{prefix}.bias"] = ext_bias[:d_out]
+                self.weights[f"{prefix}.weight"] = extended[:d_out]  # the old tensor is freed here
+                self._extended[prefix] = (extended, ext_bias)
+                spare[(layer, name)] = extended[d_out:]
+        # Which adapter's A the spare rows hold (AdapterSlots.stamps' value of its load); set by
+        # fold.AdapterFold. It lives here, with the rows, because engines over one model share them.
+        self.folded_stamp = None
+        return spare
 
     def _w(self, layer: int, name: str) -> torch.Tensor:
         return self.weights[f"model.layers.{layer}.{name}"]
@@ -253,6 +305,18 @@ class DecoderModel:
         each (column slices of one [N, sum d_out] tensor for a group), LoRA deltas added per part."""
         # x: [N, d_in]
         prefix = f"model.layers.{layer}.{block}.{name}"
+        if batch.has_lora and batch.folded and slots is not None and prefix in self._extended:
+            # One adapter in the step, its A in the weight's spare rows: one GEMM gives y and the
+            # shrink h = x @ A.T side by side ([N, d_out + G * R]), and only the expand remains.
+            weight, bias = self._extended[prefix]
+            both = F.linear(x, weight, bias)
+            d_out = self.weights[f"{prefix}.weight"].shape[0]
+            y, h = both[:, :d_out], both[:, d_out:]  # column slices: rows d_out + G * R apart
+            lora_expand(
+                h, slots.group_b[layer][name], batch.token_slots, slots.group_ranks[name],
+                slots.group_scales[name], y, group_widths=slots.group_widths[name], meta=batch.lora_meta,
+            )  # fmt: skip
+            return list(y.split(self._widths[name], dim=1)) if name in FUSED else [y]
         y = F.linear(x, self.weights[f"{prefix}.weight"], self.weights.get(f"{prefix}.bias"))
         if batch.has_lora and slots is not None:
             # One shrink and one expand for the whole group (q/k/v: G = 3), on y's columns.
