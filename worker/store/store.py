@@ -19,11 +19,12 @@ import io
 import os
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 from urllib.parse import unquote, urlsplit
 
 from lorafleet.worker.store.settings import StoreSettings
@@ -126,6 +127,26 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def write_hashed(chunks: Iterable[bytes], dst: BinaryIO) -> str:
+    """Write `chunks` to `dst` and return the hex sha256 of what was written.
+
+    A thread hashes each chunk while the next one is read and this one written (hashlib lets go of
+    the GIL on large buffers): sha256 of an 84 MB adapter takes about as long as reading it from a
+    local disk or a loopback S3, so hashing after each read would nearly double a cold load's download.
+    """
+    digest = hashlib.sha256()
+    with ThreadPoolExecutor(1, thread_name_prefix="sha256") as pool:
+        hashing: Future[None] | None = None
+        for chunk in chunks:
+            if hashing is not None:
+                hashing.result()  # updates stay in order: one chunk in the hasher at a time
+            hashing = pool.submit(digest.update, chunk)
+            dst.write(chunk)
+        if hashing is not None:
+            hashing.result()
+    return digest.hexdigest()
+
+
 def open_store(uri: str, settings: StoreSettings | None = None) -> Store:
     """The store a URI names: a local path, `file:///path` or `s3://bucket/prefix`."""
     if uri.startswith("s3://"):
@@ -206,17 +227,13 @@ class LocalStore:
         return self._path(key).is_file()
 
     def get_file(self, key: str, path: Path) -> str:
-        digest = hashlib.sha256()
         try:
             src = open(self._path(key), "rb")  # noqa: SIM115 (closed by the with below)
         except FileNotFoundError:
             self._require_root()
             raise ObjectNotFound(f"{self.uri}: no object {key!r}") from None
         with src, open(path, "wb") as dst:
-            while chunk := src.read(CHUNK):
-                digest.update(chunk)
-                dst.write(chunk)
-        return digest.hexdigest()
+            return write_hashed(iter(lambda: src.read(CHUNK), b""), dst)
 
     def get_bytes(self, key: str) -> bytes:
         try:
@@ -334,18 +351,14 @@ class S3Store:
         return True
 
     def get_file(self, key: str, path: Path) -> str:
-        digest = hashlib.sha256()
         with self._errors(key):
             response = self.client.get_object(self.bucket, self._key(key))
             try:
                 with open(path, "wb") as dst:
-                    for chunk in response.stream(CHUNK):
-                        digest.update(chunk)
-                        dst.write(chunk)
+                    return write_hashed(response.stream(CHUNK), dst)
             finally:
                 response.close()
                 response.release_conn()
-        return digest.hexdigest()
 
     def get_bytes(self, key: str) -> bytes:
         with self._errors(key):
