@@ -23,8 +23,15 @@ from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from lorafleet.kernels import LoraBatchMeta, apply_rotary, lora_apply, lora_expand, paged_attention, rms_norm
-from lorafleet.worker.engine.attention import write_kv
+from lorafleet.kernels import (
+    LoraBatchMeta,
+    lora_apply,
+    lora_expand,
+    paged_attention,
+    rms_norm,
+    rotary_store_kv,
+    silu_mul,
+)
 from lorafleet.worker.engine.batch import StepBatch
 from lorafleet.worker.engine.kv_cache import KVCache
 from lorafleet.worker.engine.lora import AdapterSlots, ModelShapes
@@ -341,9 +348,9 @@ class DecoderModel:
             k_norm = self._w(layer, "self_attn.k_norm.weight")
             q = rms_norm(q.reshape(-1, spec.head_dim), q_norm, spec.rms_eps)[0].view(q_shape)
             k = rms_norm(k.reshape(-1, spec.head_dim), k_norm, spec.rms_eps)[0].view(kv_shape)
-        q, k = apply_rotary(q, k, cos, sin)  # cos, sin: [N, D]
+        # One kernel rotates q and k (cos, sin: [N, D]) and stores k and v in their cache slots.
         k_cache, v_cache = cache.k[layer], cache.v[layer]
-        write_kv(k_cache, v_cache, k, v, batch)
+        q = rotary_store_kv(q, k, v, cos, sin, k_cache, v_cache, batch.slot_mapping)
         out = paged_attention(
             q, k_cache, v_cache, batch.block_tables, batch.token_seq, batch.positions, self.scale,
             sliding_window=spec.sliding_windows[layer],
@@ -352,7 +359,7 @@ class DecoderModel:
 
     def _mlp(self, x: torch.Tensor, layer: int, batch: StepBatch, slots: AdapterSlots | None) -> torch.Tensor:
         gate, up = self._project(x, layer, "mlp", "gate_up_proj", batch, slots)  # column slices
-        return self._project(F.silu(gate) * up, layer, "mlp", "down_proj", batch, slots)[0]
+        return self._project(silu_mul(gate, up), layer, "mlp", "down_proj", batch, slots)[0]
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, cache: KVCache, slots: AdapterSlots | None) -> torch.Tensor:
