@@ -6,7 +6,9 @@ tensor has a size fixed by (T, S), so it can be built inside a captured region a
 
 The kernels walk a *tile map*: the sorted token list cut into tiles of `block_m` rows, each tile inside
 one slot's segment. Its length is the bound cdiv(T, block_m) + min(S + 1, T) whatever the slots are, so
-the launch grid is fixed; tiles past the real ones are empty and their programs do nothing. Below
+the launch grid is fixed; tiles past the real ones are empty and their programs do nothing. A caller
+that knows how many slots the step uses can lower the bound (`max_groups`: an engine step on one
+adapter), and the grid then has that many fewer empty programs. Below
 DOT_MIN_TOKENS tokens, expand walks a second map of 8-row tiles (shrink's are 4 rows): on expand's
 16-row tensor-core tiles, 8 tokens of one adapter cost what 4 do, and one adapter's B is read half as
 often (benchmarks/sweep_kernels.py on an H100: 64 tokens on one adapter 3.50 vs 4.08 us, 64 tokens over
@@ -69,13 +71,31 @@ class LoraBatchMeta:
     expand_tiles: torch.Tensor  # [NT', 4] int32: the same for expand (`tiles` itself when the heights match)
 
     @classmethod
-    def build(cls, token_slots: torch.Tensor, num_slots: int, *, block_m: int | None = None) -> LoraBatchMeta:
+    def build(
+        cls,
+        token_slots: torch.Tensor,
+        num_slots: int,
+        *,
+        block_m: int | None = None,
+        max_groups: int | None = None,
+    ) -> LoraBatchMeta:
         """Group `token_slots` ([T] int32, -1 = no adapter) by slot for a pool of `num_slots` slots.
 
         `block_m` (a power of two) picks the tile height of both kernels; by default `block_m_for(T)`
         for shrink and `expand_block_m_for(T)` for expand. No host sync: safe inside CUDA-graph capture.
+
+        `max_groups`, where the caller knows it, bounds how many groups have tokens (slots with
+        tokens, plus the no-adapter tokens as one group): the tile maps then hold cdiv(T, block_m) +
+        min(max_groups, S + 1, T) tiles instead of cdiv(T, block_m) + min(S + 1, T), and the kernels
+        launch that many fewer programs that find no tokens (a step on one adapter beside base-model
+        tokens: 2, where a pool of 64 slots would give 65). A bound below the true number would leave
+        tokens out of every tile: on CPU it is checked (ValueError); on CUDA it is the caller's promise.
         """
         _check_build_args(token_slots, num_slots, block_m)
+        if max_groups is not None and (
+            isinstance(max_groups, bool) or not isinstance(max_groups, int) or max_groups < 1
+        ):
+            raise ValueError(f"max_groups must be a positive int, got {max_groups!r}")
         num_tokens = token_slots.shape[0]
         expand_block_m = expand_block_m_for(num_tokens) if block_m is None else block_m
         block_m = block_m_for(num_tokens) if block_m is None else block_m
@@ -86,8 +106,13 @@ class LoraBatchMeta:
         groups = torch.arange(num_slots + 2, dtype=torch.int32, device=device)
         bounds = torch.searchsorted(sorted_key, groups, out_int32=True)  # [S + 2]
         counts = bounds[1:] - bounds[:-1]  # [S + 1], last = no-adapter tokens
+        if max_groups is not None and device.type == "cpu" and int((counts > 0).sum()) > max_groups:
+            raise ValueError(
+                f"token_slots hold {int((counts > 0).sum())} groups, more than max_groups={max_groups}"
+            )
+        bound = num_slots + 1 if max_groups is None else min(max_groups, num_slots + 1)
         active_ids, num_active = _active_slots(counts[:num_slots])
-        tiles = _tile_map(bounds[:-1], counts, num_tokens, block_m)
+        tiles = _tile_map(bounds[:-1], counts, num_tokens, block_m, bound)
         return cls(
             num_tokens=num_tokens,
             num_slots=num_slots,
@@ -102,7 +127,7 @@ class LoraBatchMeta:
             expand_tiles=(
                 tiles
                 if expand_block_m == block_m
-                else _tile_map(bounds[:-1], counts, num_tokens, expand_block_m)
+                else _tile_map(bounds[:-1], counts, num_tokens, expand_block_m, bound)
             ),
         )
 
@@ -113,12 +138,13 @@ class LoraBatchMeta:
 
     @property
     def num_tiles(self) -> int:
-        """Length of the tile map: cdiv(T, block_m) + min(S + 1, T), fixed for given T and S."""
+        """Length of the tile map: cdiv(T, block_m) + min(S + 1, T) (max_groups for S + 1 when given),
+        fixed for given T and S."""
         return self.tiles.shape[0]
 
     @property
     def num_expand_tiles(self) -> int:
-        """Length of expand's tile map: cdiv(T, expand_block_m) + min(S + 1, T)."""
+        """Length of expand's tile map: cdiv(T, expand_block_m) + min(S + 1, T) (or max_groups)."""
         return self.expand_tiles.shape[0]
 
     def slot_segments(self) -> Iterator[tuple[int, torch.Tensor]]:
@@ -132,10 +158,10 @@ class LoraBatchMeta:
 
 
 def make_batch_meta(
-    token_slots: torch.Tensor, num_slots: int, *, block_m: int | None = None
+    token_slots: torch.Tensor, num_slots: int, *, block_m: int | None = None, max_groups: int | None = None
 ) -> LoraBatchMeta:
     """Same as `LoraBatchMeta.build`."""
-    return LoraBatchMeta.build(token_slots, num_slots, block_m=block_m)
+    return LoraBatchMeta.build(token_slots, num_slots, block_m=block_m, max_groups=max_groups)
 
 
 def _check_build_args(token_slots: torch.Tensor, num_slots: int, block_m: int | None) -> None:
@@ -163,11 +189,15 @@ def _active_slots(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ids[:num_slots], active.sum(dtype=torch.int32)
 
 
-def _tile_map(starts: torch.Tensor, counts: torch.Tensor, num_tokens: int, block_m: int) -> torch.Tensor:
-    """[NT, 4] int32 tiles over the S + 1 groups (`starts`, `counts`: [S + 1]); padding tiles are empty."""
+def _tile_map(
+    starts: torch.Tensor, counts: torch.Tensor, num_tokens: int, block_m: int, max_groups: int
+) -> torch.Tensor:
+    """[NT, 4] int32 tiles over the S + 1 groups (`starts`, `counts`: [S + 1]), of which at most
+    `max_groups` have tokens; padding tiles are empty."""
     num_groups = counts.shape[0]  # S + 1
     device = counts.device
-    num_tiles = -(-num_tokens // block_m) + min(num_groups, num_tokens)
+    # Each group with tokens has at most one partial tile: cdiv(T, block_m) + (groups with tokens).
+    num_tiles = -(-num_tokens // block_m) + min(max_groups, num_tokens)
     tiles_per_group = (counts + block_m - 1) // block_m  # [S + 1]
     tile_ends = torch.cumsum(tiles_per_group, 0, dtype=torch.int32)  # [S + 1]
     tile_ids = torch.arange(num_tiles, dtype=torch.int32, device=device)  # [NT]

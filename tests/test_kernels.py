@@ -189,6 +189,55 @@ def test_meta_gives_expand_its_own_tile_map_for_decode_steps(num_tokens):
     assert forced.expand_tiles is forced.tiles
 
 
+@pytest.mark.parametrize("num_tokens", [1, 3, 64, 130])
+@pytest.mark.parametrize("groups", [1, 2, 5])
+def test_meta_with_a_bound_on_the_groups_has_fewer_tiles_and_still_covers_every_token(num_tokens, groups):
+    """max_groups (slots with tokens, plus the base-model tokens): a step on one adapter beside base
+    tokens needs cdiv(T, block_m) + 2 tiles, not + min(S + 1, T); each token is still in one tile."""
+    gen = torch.Generator().manual_seed(num_tokens)
+    used = torch.tensor([-1, 7, 3, 30, 12][:groups], dtype=torch.int32)  # a pool of 64 slots
+    slots = used[torch.randint(0, groups, (num_tokens,), generator=gen)]
+    meta = LoraBatchMeta.build(slots, 64, max_groups=groups)
+    order = meta.token_indices_sorted_by_slot.long()
+    for tiles, block_m in ((meta.tiles, meta.block_m), (meta.expand_tiles, meta.expand_block_m)):
+        assert tiles.shape[0] == -(-num_tokens // block_m) + min(groups, num_tokens)
+        seen = torch.zeros(num_tokens, dtype=torch.long)
+        for slot, start, end, _ in tiles.tolist():
+            rows = order[start : min(start + block_m, end)]
+            seen[rows] += 1
+            assert (slots[rows] == slot).all()
+        assert (seen == 1).all()
+
+
+def test_meta_refuses_a_bound_below_the_groups_on_cpu():
+    slots = torch.tensor([0, 1, -1, 1], dtype=torch.int32)  # three groups
+    with pytest.raises(ValueError, match="3 groups, more than max_groups=2"):
+        LoraBatchMeta.build(slots, 4, max_groups=2)
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="max_groups must be a positive int"):
+            LoraBatchMeta.build(slots, 4, max_groups=bad)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_kernels_on_a_meta_with_a_bound_give_the_full_metas_results(backend):
+    if backend == "triton":
+        require_interpreter()
+    p = make_problem(40, 6, 32, 24, ranks=[4, 8, 2, 8, 3, 5], seed=9)
+    p.token_slots[::3] = -1
+    p.token_slots[p.token_slots >= 0] = 4  # one adapter (slot 4) and base-model tokens
+    full = LoraBatchMeta.build(p.token_slots, 6)
+    bounded = LoraBatchMeta.build(p.token_slots, 6, max_groups=2)
+    assert bounded.num_tiles < full.num_tiles
+    outs = []
+    for meta in (full, bounded):
+        h = lora_shrink(p.x, p.lora_a, p.token_slots, p.slot_ranks, meta=meta, backend=backend)
+        out = torch.zeros(40, 24)
+        lora_expand(h, p.lora_b, p.token_slots, p.slot_ranks, p.slot_scales, out, meta=meta, backend=backend)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    assert outs[1][p.token_slots >= 0].abs().sum() > 0
+
+
 def test_meta_sizes_depend_on_token_and_slot_counts_only():
     shapes = set()
     for popularity in ("identical", "distinct", "zipf"):

@@ -33,6 +33,9 @@ class StepBatch:
     # One adapter in the step, its A in the base weights' spare rows: shrink folded into the GEMMs
     # (worker/engine/fold.py). Meaningful only with has_lora.
     folded: bool = False
+    # How many groups the step's tokens form (adapter slots, plus base-model tokens as one), when
+    # known: the LoRA kernels' grids are sized by it (LoraBatchMeta.build's max_groups). None: any.
+    lora_groups: int | None = None
 
     @property
     def lora_mode(self) -> str:
@@ -94,4 +97,5 @@ def build_step_batch(seqs: list[Sequence], block_size: int, device: torch.device
         query_lens_host=query_lens,
         context_lens_host=context_lens,
         has_lora=any(seq.lora_slot >= 0 for seq in seqs),
+        lora_groups=len({seq.lora_slot for seq in seqs}),
     )

@@ -81,6 +81,8 @@ class DecodeGraphs:
             context_lens_host=[1] * size,
             has_lora=mode != "base",
             folded=mode == "folded",
+            # a folded step's tokens: its one adapter's and the base model's (padding rows among them)
+            lora_groups=2 if mode == "folded" else None,
         )
 
     @torch.inference_mode()

@@ -367,7 +367,9 @@ class DecoderModel:
         spec = self.spec
         if batch.has_lora and slots is not None and batch.lora_meta is None:
             # Tokens grouped by adapter slot, once per step, shared by every LoRA projection.
-            batch.lora_meta = LoraBatchMeta.build(batch.token_slots, slots.num_slots)
+            batch.lora_meta = LoraBatchMeta.build(
+                batch.token_slots, slots.num_slots, max_groups=batch.lora_groups
+            )
         residual = self.embed[batch.input_ids]  # [N, d]: the residual stream
         cos, sin = self.rotary(residual, batch.positions[None, :])  # [1, N, D] each
         cos, sin = cos[0], sin[0]  # [N, D]
