@@ -10,6 +10,7 @@ the HBM bandwidth measured by a device-to-device copy.
 
     python benchmarks/bench_engine.py            # full run, a few minutes on an H200
     python benchmarks/bench_engine.py --quick    # fewer points
+    python benchmarks/bench_engine.py --device cpu --size tiny --quick --results-dir /tmp/r   # smoke run
 
 Prints a table, then the issue's targets at batch 64 (one adapter >= 0.90 of base tokens/s; 64
 distinct adapters >= 0.90 of what their bytes allow at the base step's efficiency; base step
@@ -28,7 +29,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, hbm_bandwidth, print_table, wall_seconds, write_results
+import common
+from common import hbm_bandwidth, print_table, wall_seconds, write_results
 
 from lorafleet.worker.engine import synthetic
 from lorafleet.worker.engine.config import EngineConfig
@@ -42,10 +44,11 @@ RANK = 16
 
 def add_requests(engine: Engine, batch: int, adapters: list[str | None], max_new_tokens: int) -> None:
     """Queue `batch` requests of PROMPT_LEN tokens, adapters assigned round robin, ignoring EOS."""
+    ids = min(1000, engine.model.spec.vocab_size - 3)  # token ids 3 .. 1002 (fewer in a tiny vocabulary)
     for i in range(batch):
         engine.add_request(
             GenerationRequest(
-                prompt_ids=[(7 * i + j) % 1000 + 3 for j in range(PROMPT_LEN)],
+                prompt_ids=[(7 * i + j) % ids + 3 for j in range(PROMPT_LEN)],
                 adapter=adapters[i % len(adapters)],
                 max_new_tokens=max_new_tokens,
                 ignore_eos=True,
@@ -73,7 +76,7 @@ def peft_step_time(model: Any, adapter_dirs: list[Path], batch: int, steps: int)
     for i, path in enumerate(adapter_dirs[1:], start=1):
         peft_model.load_adapter(str(path), adapter_name=f"a{i}")
     names = [f"a{i % len(adapter_dirs)}" for i in range(batch)]
-    ids = torch.randint(3, 1000, (batch, PROMPT_LEN), device="cuda")
+    ids = torch.randint(3, min(1000, model.config.vocab_size), (batch, PROMPT_LEN), device=model.device)
     mask = torch.ones_like(ids)
 
     def run(new_tokens: int) -> float:
@@ -94,7 +97,8 @@ def generate_batch_step_time(model: Any, batch: int, steps: int) -> float:
     """Seconds per decode step of transformers' continuous batching on the base model."""
     from transformers import GenerationConfig
 
-    inputs = [[(7 * i + j) % 1000 + 3 for j in range(PROMPT_LEN)] for i in range(batch)]
+    ids = min(1000, model.config.vocab_size - 3)
+    inputs = [[(7 * i + j) % ids + 3 for j in range(PROMPT_LEN)] for i in range(batch)]
 
     def run(new_tokens: int) -> float:
         config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
@@ -104,22 +108,31 @@ def generate_batch_step_time(model: Any, batch: int, steps: int) -> float:
     return (run(2 + steps) - run(2)) / steps
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer batch sizes and adapter counts")
     parser.add_argument("--size", default="llama-3-8b", help="synthetic model size (default llama-3-8b)")
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed per point")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run (no roofline)")
+    parser.add_argument("--results-dir", type=Path, default=None, help="default benchmarks/results")
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
         print("bench_engine needs a CUDA GPU; none found", file=sys.stderr)
         return 2
+    if args.results_dir is not None:
+        common.RESULTS_DIR = args.results_dir
 
     batches = [1, 16, 64] if args.quick else [1, 4, 16, 32, 64, 128, 256]
     adapter_counts = [8, 64] if args.quick else [8, 16, 32, 64, 128]
     config = synthetic.model_config("llama", args.size)
-    hf_model = synthetic.build_model(config, dtype=torch.bfloat16, device="cuda")
+    hf_model = synthetic.build_model(config, dtype=torch.bfloat16, device=device)
     weights = {k: v for k, v in hf_model.state_dict().items()}  # shared with the HF model, no copy
-    model = DecoderModel(config, weights, torch.device("cuda"), torch.bfloat16)
+    model = DecoderModel(config, weights, device, torch.bfloat16)
     max_batch = max(batches)
     names = [f"bench-{i}" for i in range(max(adapter_counts))]
 
@@ -133,14 +146,14 @@ def main() -> int:
         lora_config = synthetic.adapter_config(rank=RANK, alpha=2 * RANK, targets=synthetic.ALL_TARGETS)
         for i, name in enumerate(names):
             tensors = synthetic.adapter_tensors(
-                config, rank=RANK, targets=synthetic.ALL_TARGETS, dtype=torch.bfloat16, device="cuda", seed=i
+                config, rank=RANK, targets=synthetic.ALL_TARGETS, dtype=torch.bfloat16, device=device, seed=i
             )
             engine.add_adapter(name, {k: v.cpu() for k, v in tensors.items()}, lora_config)
         return engine
 
     engine = build_engine()
-    adapter_bytes = engine._adapters[names[0]].nbytes
-    bandwidth = hbm_bandwidth()
+    adapter_bytes = engine.pool.adapters[names[0]].nbytes
+    bandwidth = hbm_bandwidth() if device.type == "cuda" else float("nan")  # no roofline on a CPU
     weight_bytes = model.memory_bytes()
     kv_bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * 128 * 2
 
@@ -176,7 +189,29 @@ def main() -> int:
     measure(build_engine(lora_pdl=True, fold=False), "_pdl")
     torch.cuda.empty_cache()
 
-    baseline_batch, baseline_adapters = 64, 64 if not args.quick else 8
+    baselines(hf_model, config, record, rows, args.quick)
+
+    print(f"HBM copy bandwidth {bandwidth / 1e9:.0f} GB/s; weights {weight_bytes / 1e9:.2f} GB; "
+          f"adapter {adapter_bytes / 1e6:.1f} MB")  # fmt: skip
+    print_table(rows, ["case", "batch", "adapters", "step_ms", "tokens_per_s", "roofline_ms", "x_roofline"])
+    found = targets(rows)
+    for line in found:
+        print(f"{'MET ' if line['met'] else 'MISS'}  {line['target']}: {line['value']:.3f}")
+    path = write_results(
+        "bench_engine",
+        rows,
+        {"hbm_bytes_per_s": bandwidth, "weight_bytes": weight_bytes, "adapter_bytes": adapter_bytes,
+         "targets": found},
+    )  # fmt: skip
+    _plot(rows, common.RESULTS_DIR / "bench_engine.png")
+    print(f"wrote {path}")
+    return 0
+
+
+def baselines(hf_model: Any, config: Any, record: Any, rows: list[dict[str, Any]], quick: bool) -> None:
+    """The baselines at batch 64, in the same run: transformers' continuous batching (base model) and
+    PEFT's mixed-adapter generate; one that fails is reported as a row with its error, not fatal."""
+    baseline_batch, baseline_adapters = 64, 64 if not quick else 8
     try:
         record(
             "transformers_generate_batch",
@@ -204,22 +239,6 @@ def main() -> int:
         except Exception as exc:
             rows.append({"case": "peft_mixed", "batch": baseline_batch, "error": repr(exc)[:300]})
 
-    print(f"HBM copy bandwidth {bandwidth / 1e9:.0f} GB/s; weights {weight_bytes / 1e9:.2f} GB; "
-          f"adapter {adapter_bytes / 1e6:.1f} MB")  # fmt: skip
-    print_table(rows, ["case", "batch", "adapters", "step_ms", "tokens_per_s", "roofline_ms", "x_roofline"])
-    found = targets(rows)
-    for line in found:
-        print(f"{'MET ' if line['met'] else 'MISS'}  {line['target']}: {line['value']:.3f}")
-    path = write_results(
-        "bench_engine",
-        rows,
-        {"hbm_bytes_per_s": bandwidth, "weight_bytes": weight_bytes, "adapter_bytes": adapter_bytes,
-         "targets": found},
-    )  # fmt: skip
-    _plot(rows, RESULTS_DIR / "bench_engine.png")
-    print(f"wrote {path}")
-    return 0
-
 
 def targets(rows: list[dict[str, Any]], batch: int = 64, distinct: int = 64) -> list[dict[str, Any]]:
     """The issue's targets at `batch` from the measured rows (those whose points were measured).
@@ -229,7 +248,7 @@ def targets(rows: list[dict[str, Any]], batch: int = 64, distinct: int = 64) -> 
     """
     point = {(r["case"], r["adapters"]): r for r in rows if r.get("batch") == batch and "step_ms" in r}
     base = point.get(("a_base", 0))
-    found = []
+    found: list[dict[str, Any]] = []
     if base is None:
         return found
     found.append({"target": f"base step <= 1.3x the weight-read roofline (batch {batch})",

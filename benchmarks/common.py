@@ -93,15 +93,18 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
 
 
 def wall_seconds(fn: Callable[[], object], reps: int = 1) -> float:
-    """Wall seconds per call of `fn` over `reps` calls, the CUDA device synchronized before and after
-    (so the time covers the GPU work the calls queue)."""
+    """Wall seconds per call of `fn` over `reps` calls, the CUDA device (where there is one)
+    synchronized before and after (so the time covers the GPU work the calls queue)."""
     import torch
 
-    torch.cuda.synchronize()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(reps):
         fn()
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     return (time.perf_counter() - start) / reps
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
 from bench_engine import PROMPT_LEN, add_requests
 from common import print_table, wall_seconds, write_results
 
@@ -39,11 +40,11 @@ from lorafleet.worker.engine.model import DecoderModel
 RANK = 16
 
 
-def build_model(size: str) -> DecoderModel:
-    """A random-weight bf16 Llama of `size` on the GPU."""
+def build_model(size: str, device: torch.device) -> DecoderModel:
+    """A random-weight bf16 Llama of `size` on `device`."""
     config = synthetic.model_config("llama", size)
-    hf_model = synthetic.build_model(config, dtype=torch.bfloat16, device="cuda")
-    return DecoderModel(config, dict(hf_model.state_dict()), torch.device("cuda"), torch.bfloat16)
+    hf_model = synthetic.build_model(config, dtype=torch.bfloat16, device=device)
+    return DecoderModel(config, dict(hf_model.state_dict()), device, torch.bfloat16)
 
 
 def build_engine(
@@ -60,7 +61,12 @@ def build_engine(
     lora_config = synthetic.adapter_config(rank=RANK, alpha=2 * RANK, targets=synthetic.ALL_TARGETS)
     for i in range(adapters):
         tensors = synthetic.adapter_tensors(
-            config, rank=RANK, targets=synthetic.ALL_TARGETS, dtype=torch.bfloat16, device="cuda", seed=i
+            config,
+            rank=RANK,
+            targets=synthetic.ALL_TARGETS,
+            dtype=torch.bfloat16,
+            device=model.device,
+            seed=i,
         )
         engine.add_adapter(f"p{i}", {k: v.cpu() for k, v in tensors.items()}, lora_config)
     return engine
@@ -73,11 +79,14 @@ def profile(engine: Engine, batch: int, adapters: int, steps: int) -> dict[str, 
     for _ in range(4):  # prefill, then decode warm-up (graph capture, Triton compiles)
         engine.step()
     wall = wall_seconds(engine.step, steps)
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if engine.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(steps):
             engine.step()
-        torch.cuda.synchronize()
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
     while engine.has_unfinished():
         engine.step()
     totals: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
@@ -134,12 +143,17 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=8, help="decode steps profiled")
     parser.add_argument("--eager", action="store_true", help="also profile without CUDA graphs")
     parser.add_argument("--out", default="profile_decode", help="results file name (without .json)")
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run (no GPU kernels)")
+    parser.add_argument("--results-dir", type=Path, default=None, help="default benchmarks/results")
     args = parser.parse_args()
     cases = [parse_case(c) for c in args.cases]
-    if not torch.cuda.is_available():
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
         print("profile_decode needs a CUDA GPU; none found", file=sys.stderr)
         return 2
-    model = build_model(args.size)
+    if args.results_dir is not None:
+        common.RESULTS_DIR = args.results_dir
+    model = build_model(args.size, device)
     rows, tops = [], {}
     for adapters, fold in cases:
         for mode in ("graphs", "eager") if args.eager else ("graphs",):
