@@ -74,7 +74,7 @@ step 60 bench_attention "$py" benchmarks/bench_attention.py $quick
 step 240 bench_engine "$py" benchmarks/bench_engine.py $quick
 step 150 profile_decode "$py" benchmarks/profile_decode.py --batch 64 --cases 0 1 1:unfolded 64 --steps 4 \
     --out profile_decode_b64
-step 90 bench_adapters "$py" benchmarks/bench_adapters.py --repeat 1
+step 120 bench_adapters "$py" benchmarks/bench_adapters.py --repeat 3
 step 150 bench_worker_overhead "$py" benchmarks/bench_worker_overhead.py --device cuda --size llama-3-1b $quick
 step 180 sweep_kernels "$py" benchmarks/sweep_kernels.py --limit 120
 step 300 sweep_mlp "$py" benchmarks/sweep_kernels.py --limit 240 --points gate_up:64x64 down:64x64 --out sweep_kernels_mlp
