@@ -108,34 +108,14 @@ def apply_rotary(
     backend: "auto" (Triton on CUDA, the reference on CPU), "triton" or "torch".
     """
     _check_rotary_inputs(q, k, cos, sin)
-    num_tokens, num_heads, dim = q.shape
     if not use_triton(q.device, backend, q.dtype):
         return apply_rotary_ref(q, k, cos, sin)
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    if num_tokens == 0:
+    if q.shape[0] == 0:
         return q_out, k_out
-    num_kv_heads = k.shape[1]
-    runnable_kernel(_rotary_kernel, q.device)[(num_tokens, num_heads + num_kv_heads)](
-        q,
-        k,
-        k,  # v: unused
-        cos,
-        sin,
-        k,  # slot_mapping: unused
-        q_out,
-        k_out,
-        k_out,  # v cache: unused
-        num_heads,
-        num_kv_heads,
-        q.stride(0),
-        k.stride(0),
-        0,
-        HALF=dim // 2,
-        BLOCK=next_power_of_2(dim // 2),
-        STORE_KV=False,
-        num_warps=1 if dim <= 128 else 2,
-    )
+    # v, slot_mapping and the v cache are not read without STORE_KV: k and k_out stand in for them
+    _launch(q, k, k, cos, sin, k, q_out, k_out, k_out, store_kv=False)
     return q_out, k_out
 
 
@@ -190,7 +170,7 @@ def rotary_store_kv(
     "torch".
     """
     _check_rotary_inputs(q, k, cos, sin)
-    num_tokens, num_heads, dim = q.shape
+    num_tokens, _, dim = q.shape
     num_kv_heads = k.shape[1]
     check_tensor("v", v, dtypes=(q.dtype,), shape=k.shape, device=q.device, strided_rows=True)
     cache_shape = (None, None, num_kv_heads, dim)  # [num_blocks, block_size, KVH, D]
@@ -207,6 +187,18 @@ def rotary_store_kv(
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_tokens == 0:
         return q_out
+    _launch(q, k, v, cos, sin, slot_mapping, q_out, k_cache, v_cache, store_kv=True)
+    return q_out
+
+
+def _launch(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    slot_mapping: torch.Tensor, q_out: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor, *,
+    store_kv: bool,
+) -> None:  # fmt: skip
+    """One program per (token, head): the q heads, then the k heads (with their v heads if store_kv)."""
+    num_tokens, num_heads, dim = q.shape
+    num_kv_heads = k.shape[1]
     runnable_kernel(_rotary_kernel, q.device)[(num_tokens, num_heads + num_kv_heads)](
         q,
         k,
@@ -215,8 +207,8 @@ def rotary_store_kv(
         sin,
         slot_mapping,
         q_out,
-        k_cache,
-        v_cache,
+        k_out,
+        v_out,
         num_heads,
         num_kv_heads,
         q.stride(0),
@@ -224,7 +216,6 @@ def rotary_store_kv(
         v.stride(0),
         HALF=dim // 2,
         BLOCK=next_power_of_2(dim // 2),
-        STORE_KV=True,
+        STORE_KV=store_kv,
         num_warps=1 if dim <= 128 else 2,
     )
-    return q_out
