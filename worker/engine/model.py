@@ -261,11 +261,12 @@ class DecoderModel:
         (layer, name).
 
         The weight is reallocated one layer at a time as [d_out + rows, d_in] (zeros past d_out, its
-        bias likewise), and `weights` keeps a view of its first d_out rows, so steps that are not folded
-        compute exactly what they did. A folded step (`StepBatch.folded`) multiplies by the whole
-        tensor: its extra output columns are x @ spare.T, the shrink of whatever A the caller copied into
-        the spare rows (worker/engine/fold.py). A second call with the same rows (a second engine over
-        this model) returns the same spare rows; other rows raise ValueError.
+        bias likewise; device memory peaks at one layer over the weights), and `weights` keeps a view
+        of its first d_out rows, so steps that are not folded compute exactly what they did. A folded
+        step (`StepBatch.folded`) multiplies by the whole tensor: its extra output columns are
+        x @ spare.T, the shrink of whatever A the caller copied into the spare rows
+        (worker/engine/fold.py). A second call with the same rows (a second engine over this model)
+        returns the same spare rows; other rows raise ValueError.
         """
         spare = {}
         for layer in range(self.spec.num_layers):
@@ -291,6 +292,11 @@ class DecoderModel:
                 self.weights[f"{prefix}.weight"] = extended[:d_out]  # the old tensor is freed here
                 self._extended[prefix] = (extended, ext_bias)
                 spare[(layer, name)] = extended[d_out:]
+            if self.device.type == "cuda":
+                # The old tensors' blocks back to the device before the next layer's are allocated:
+                # each new tensor is a little larger than the block it replaces, so the allocator's
+                # cache could not reuse them, and the peak would approach twice the weights.
+                torch.cuda.empty_cache()
         # Which adapter's A the spare rows hold (AdapterSlots.stamps' value of its load); set by
         # fold.AdapterFold. It lives here, with the rows, because engines over one model share them.
         self.folded_stamp = None
