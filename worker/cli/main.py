@@ -64,6 +64,11 @@ def _register_worker(commands: argparse._SubParsersAction) -> None:
         "--no-prefix-cache", dest="prefix_cache", action="store_const", const=False, default=None,
         help="prefill every prompt in full: no reuse of cached prefixes (env LORAFLEET_NO_PREFIX_CACHE=1)",
     )  # fmt: skip
+    worker.add_argument(
+        "--no-fold", dest="fold_single_adapter", action="store_const", const=False, default=None,
+        help="run steps on one adapter with the multi-LoRA shrink instead of folding it into the base "
+        "GEMMs (env LORAFLEET_NO_FOLD=1)",
+    )  # fmt: skip
     worker.add_argument("--max-idle", type=float, default=None, help="exit after this many idle seconds")
     worker.set_defaults(func=_run_worker)
 
@@ -77,6 +82,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         flag.replace("-", "_"): getattr(args, flag.replace("-", "_")) for flag, _, _ in _WORKER_FLAGS
     }
     overrides["prefix_cache"] = args.prefix_cache
+    overrides["fold_single_adapter"] = args.fold_single_adapter
     config = WorkerConfig.from_env(overrides)
     configure_logging(config.log_level)
     return Worker(config).run(max_idle=args.max_idle)

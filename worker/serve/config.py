@@ -37,6 +37,8 @@ class WorkerConfig:
     max_wait: float = 2.0  # starvation bound of the scheduler
     metrics_port: int = 0  # Prometheus endpoint; 0 = off
     prefix_cache: bool = True  # reuse KV blocks of cached prompt prefixes; LORAFLEET_NO_PREFIX_CACHE=1: off
+    # steps on one adapter run its shrink inside the base GEMMs (engine/fold.py); LORAFLEET_NO_FOLD=1: off
+    fold_single_adapter: bool = True
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -72,9 +74,10 @@ class WorkerConfig:
     ) -> WorkerConfig:
         """Fields from LORAFLEET_* variables, then `overrides` (e.g. command-line flags that were given)."""
         values = env_settings(cls, env)
-        no_prefix_cache = (os.environ if env is None else env).get(f"{ENV_PREFIX}NO_PREFIX_CACHE", "")
-        if no_prefix_cache:
-            values["prefix_cache"] = not _switch(f"{ENV_PREFIX}NO_PREFIX_CACHE", no_prefix_cache)
+        for field_name, variable in (("prefix_cache", "NO_PREFIX_CACHE"), ("fold_single_adapter", "NO_FOLD")):
+            raw = (os.environ if env is None else env).get(f"{ENV_PREFIX}{variable}", "")
+            if raw:  # LORAFLEET_NO_*: a switch that turns a default-on feature off
+                values[field_name] = not _switch(f"{ENV_PREFIX}{variable}", raw)
         values.update({k: v for k, v in (overrides or {}).items() if v is not None})
         for required in ("model", "adapters"):
             if required not in values:

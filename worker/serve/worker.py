@@ -81,6 +81,7 @@ class Worker:
             device=config.device,
             dtype=config.torch_dtype, max_batch=config.max_batch,
             kv_cache_tokens=config.kv_cache_tokens or None, prefix_cache=config.prefix_cache,
+            fold_single_adapter=config.fold_single_adapter,
         )  # fmt: skip
         self.log = log.bind(worker=config.name)
         self.metrics = Metrics(config.metrics_port)
