@@ -13,6 +13,7 @@ from lorafleet.kernels.testing import make_problem
 from lorafleet.worker.engine import synthetic
 from lorafleet.worker.engine.engine import Engine
 from lorafleet.worker.engine.sequence import GenerationRequest
+from lorafleet.worker.serve.config import WorkerConfig
 
 ARCHS = sorted(synthetic.ARCHITECTURES)
 # (name, rank, alpha, rslora, targets); ranks below the engine's max_rank of 16 except mlp-r16
@@ -206,3 +207,13 @@ def test_rms_norm_takes_rows_that_are_columns_of_a_wider_tensor(backend):
     assert torch.equal(total, ref_total)
     assert out.is_contiguous()
     assert total.is_contiguous()
+
+
+def test_folding_is_on_unless_the_worker_variable_or_flag_turns_it_off():
+    env = {"LORAFLEET_MODEL": "m", "LORAFLEET_ADAPTERS": "a"}
+    assert WorkerConfig.from_env(env=env).fold_single_adapter is True
+    assert WorkerConfig.from_env(env={**env, "LORAFLEET_NO_FOLD": "yes"}).fold_single_adapter is False
+    assert WorkerConfig.from_env(env={**env, "LORAFLEET_NO_FOLD": "0"}).fold_single_adapter is True
+    assert WorkerConfig.from_env({"fold_single_adapter": False}, env=env).fold_single_adapter is False
+    with pytest.raises(ValueError, match="LORAFLEET_NO_FOLD='2' is not on/off"):
+        WorkerConfig.from_env(env={**env, "LORAFLEET_NO_FOLD": "2"})

@@ -415,13 +415,3 @@ def test_the_prefix_cache_is_on_unless_the_worker_variable_turns_it_off():
     assert WorkerConfig.from_env({"prefix_cache": False}, env=env).prefix_cache is False  # the flag
     with pytest.raises(ValueError, match="LORAFLEET_NO_PREFIX_CACHE='maybe' is not on/off"):
         WorkerConfig.from_env(env={**env, "LORAFLEET_NO_PREFIX_CACHE": "maybe"})
-
-
-def test_folding_is_on_unless_the_worker_variable_or_flag_turns_it_off():
-    env = {"LORAFLEET_MODEL": "m", "LORAFLEET_ADAPTERS": "a"}
-    assert WorkerConfig.from_env(env=env).fold_single_adapter is True
-    assert WorkerConfig.from_env(env={**env, "LORAFLEET_NO_FOLD": "yes"}).fold_single_adapter is False
-    assert WorkerConfig.from_env(env={**env, "LORAFLEET_NO_FOLD": "0"}).fold_single_adapter is True
-    assert WorkerConfig.from_env({"fold_single_adapter": False}, env=env).fold_single_adapter is False
-    with pytest.raises(ValueError, match="LORAFLEET_NO_FOLD='2' is not on/off"):
-        WorkerConfig.from_env(env={**env, "LORAFLEET_NO_FOLD": "2"})
