@@ -219,7 +219,11 @@ def test_racing_workers_in_threads_claim_each_job_once(redis_url, redis_client):
     with Producer(redis_url) as producer:
         handles = producer.submit_many([{"prompt": str(i), "adapter": f"q{i % 20}"} for i in range(200)])
     consumer.read_jobs(r, KEYS, [f"q{i}" for i in range(20)], "dead", count=100)
-    time.sleep(STALE)
+    # A visibility timeout longer than the race: with VT's 50 ms, a claim could go stale again while
+    # the threads still ran (a busy 2-core machine took longer than that for the passes), and claiming
+    # it a second time was then right, not a race lost.
+    race_vt = 1.0
+    time.sleep(race_vt + STALE)
     results: dict[str, list[tuple[str, str]]] = {}
     start = threading.Barrier(4)
 
@@ -229,7 +233,7 @@ def test_racing_workers_in_threads_claim_each_job_once(redis_url, redis_client):
         client = redis.Redis.from_url(redis_url, protocol=2)
         start.wait()
         got: list[tuple[str, str]] = []
-        while claimed := claim_stale(client, KEYS, name, VT, 7)[0]:
+        while claimed := claim_stale(client, KEYS, name, race_vt, 7)[0]:
             got += [(d.queue, d.entry_id) for d, _ in claimed]
         results[name] = got
         client.close()
