@@ -26,8 +26,8 @@ from lorafleet.worker.cli.redis_server import RedisServer, embedded_redis_binary
 from lorafleet.worker.serve.recovery import claim_stale, seed_pending_index
 
 KEYS = Keys()
-VT = 0.05  # visibility timeout (s) of these tests: entries idle longer are stale
-STALE = 0.12  # sleep long enough for that
+VT = 0.2  # visibility timeout (s) of these tests: entries idle longer are stale (margin for a busy machine)
+STALE = 0.3  # sleep long enough for that
 
 
 def members(r: redis.Redis, key: str) -> set[str]:
