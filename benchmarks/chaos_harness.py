@@ -64,8 +64,11 @@ class Ledger:
 
     @property
     def progress(self) -> int:
-        """Final replies and dead letters read so far."""
-        return sum(len(v) for v in self.finals.values()) + sum(len(v) for v in self.dead.values())
+        """Final replies, dead letters and streamed chunks read so far. Chunks count too: a fleet that
+        streams a long job's tokens is making progress, though no job may finish for a while (the drain
+        scenario's 1,200-token jobs took longer than a `settle` stall on a busy machine)."""
+        finals = sum(len(v) for v in self.finals.values()) + sum(len(v) for v in self.dead.values())
+        return finals + self.chunks
 
     def refresh(self) -> bool:
         """Read what is new; False when Redis cannot be reached (being restarted)."""

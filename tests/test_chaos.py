@@ -76,7 +76,8 @@ def test_sigterm_hands_unfinished_jobs_to_another_worker_and_exits_0(settings):
     row = chaos.drain(settings)
     assert row["victim_exit"] == 0
     assert row["held_at_sigterm"] >= 1
-    assert row["handed_back"] + row["finished_in_drain"] == row["held_at_sigterm"]
+    summary = {k: v for k, v in row.items() if k != "fuzz_kinds"}
+    assert row["handed_back"] + row["finished_in_drain"] == row["held_at_sigterm"], summary
     assert_invariants(row)
 
 
