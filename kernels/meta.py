@@ -106,10 +106,10 @@ class LoraBatchMeta:
         groups = torch.arange(num_slots + 2, dtype=torch.int32, device=device)
         bounds = torch.searchsorted(sorted_key, groups, out_int32=True)  # [S + 2]
         counts = bounds[1:] - bounds[:-1]  # [S + 1], last = no-adapter tokens
-        if max_groups is not None and device.type == "cpu" and int((counts > 0).sum()) > max_groups:
-            raise ValueError(
-                f"token_slots hold {int((counts > 0).sum())} groups, more than max_groups={max_groups}"
-            )
+        if max_groups is not None and device.type == "cpu":  # reading the counts is free on CPU only
+            used = int((counts > 0).sum())
+            if used > max_groups:
+                raise ValueError(f"token_slots hold {used} groups, more than max_groups={max_groups}")
         bound = num_slots + 1 if max_groups is None else min(max_groups, num_slots + 1)
         active_ids, num_active = _active_slots(counts[:num_slots])
         tiles = _tile_map(bounds[:-1], counts, num_tokens, block_m, bound)

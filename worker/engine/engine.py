@@ -92,8 +92,6 @@ class Engine:
         self.max_model_len = min(config.max_model_len or spec.max_positions, spec.max_positions)
         self.slots = AdapterSlots(spec.shapes, config.max_loras, config.max_rank, model.dtype, model.device)
         self.fold = AdapterFold(model, self.slots) if config.fold_single_adapter else None
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()  # the weights' old blocks back to the device: the KV cache is sized next
         self.kv = KVCache(
             spec.num_layers, self._kv_blocks(), config.block_size, spec.num_kv_heads, spec.head_dim,
             model.dtype, model.device,
